@@ -1,0 +1,139 @@
+"""Checkpoints that carry their model card (weights + preprocessing + provenance), torchvision-style.
+
+The card says what the weights are, how inputs must be prepared, what data and recipe made them, how well
+they did, and a UUID-derived DICOM UID that the result objects use as the algorithm's device UID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ccfnet_core import __version__
+from ccfnet_core.model import CCFNet, create_model
+from ccfnet_core.structures import STRUCTURES
+
+CARD_SCHEMA = 1
+
+
+def uuid_to_dicom_uid(value: uuid.UUID) -> str:
+    """The UUID-derived DICOM UID form (PS3.5 B.2): 2.25.<the UUID as one decimal integer>."""
+    return f"2.25.{value.int}"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything a user of the weights needs besides the tensors themselves."""
+
+    arch: str
+    input_size: int
+    stride: int
+    sigma: float
+    version: str
+    model_uuid: str
+    training_data: str
+    intended_use: str
+    phantom_only: bool
+    structures: tuple[str, ...] = STRUCTURES
+    preprocessing: str = (
+        "sagittal T2 slices i-1, i, i+1 as 3 channels, each min-max rescaled to [0, 1] (MONOCHROME1 inverted), "
+        "resized to input_size x input_size without keeping aspect; no mean/std normalisation"
+    )
+    outputs: str = "per structure: point (x, y) and P(abnormal): vertebra v2 vs v1; disc v2/v3/v4 vs v1"
+    recipe: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    limitations: tuple[str, ...] = ()
+    weights_sha256: str = ""
+    dtype: str = "float32"
+    software_version: str = __version__
+    created: str = ""
+    schema: int = CARD_SCHEMA
+
+    @property
+    def device_uid(self) -> str:
+        """DICOM UID of this model, for Contributing Equipment / algorithm identification."""
+        return uuid_to_dicom_uid(uuid.UUID(self.model_uuid))
+
+    @property
+    def display_name(self) -> str:
+        return f"CCF-Net {self.arch.upper()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["structures"] = list(self.structures)
+        data["limitations"] = list(self.limitations)
+        data["device_uid"] = self.device_uid
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["structures"] = tuple(known.get("structures", STRUCTURES))
+        known["limitations"] = tuple(known.get("limitations", ()))
+        return cls(**known)
+
+
+def new_card(**kwargs: Any) -> ModelCard:
+    """A card with a fresh UUID and creation time."""
+    defaults: dict[str, Any] = {
+        "model_uuid": str(uuid.uuid4()),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "version": __version__,
+    }
+    defaults.update(kwargs)
+    return ModelCard(**defaults)
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in key order (stable across save/load, unlike the pickle bytes)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (missing, corrupt, wrong schema, weights not matching the card)."""
+
+
+def save_model(path: Path, model: nn.Module, card: ModelCard, half: bool = False) -> ModelCard:
+    """Write weights + card (and nothing else) to `path`; returns the card with sha256 and dtype filled."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    card = replace(card, weights_sha256=state_dict_sha256(state), dtype="float16" if half else "float32")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"card": card.to_dict(), "state_dict": state}, buffer)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+    return card
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[CCFNet, ModelCard]:
+    """Load weights and card, verify the sha256, return the model in eval mode (float32) on `device`."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        card = ModelCard.from_dict(payload["card"])
+        state: dict[str, torch.Tensor] = payload["state_dict"]
+    except (RuntimeError, KeyError, TypeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a ccfnet checkpoint ({exc})") from exc
+    if card.weights_sha256 and state_dict_sha256(state) != card.weights_sha256:
+        raise CheckpointError(f"{path}: weights do not match the sha256 in the model card")
+    model = create_model(card.arch)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.to(device).eval(), card

@@ -1,0 +1,105 @@
+"""Evaluation: the paper's L/C/Score, the challenge's macro-F1, confusion matrices, and figures.
+
+With a folds file and per-fold checkpoints beside the main one, every study is predicted by the model that
+did not see it (out-of-fold), which is how the cross-validation numbers in docs/model.md are made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ccfnet_core.inference import Predictor
+from ccfnet_core.metrics import challenge_metrics, confusion_matrices, paper_metrics
+from ccfnet_core.sample import Prediction, SliceSample
+
+PAPER_KEYS = ("L-Disc", "L-Vertebra", "C-Disc", "C-Vertebra", "Score")
+
+
+def errors_mm(samples: Sequence[SliceSample], predictions: Sequence[Prediction]) -> np.ndarray:
+    """(studies, 11) distance in mm between each true point and its same-named prediction; NaN if missing."""
+    rows = []
+    for sample, pred in zip(samples, predictions, strict=True):
+        row_mm, col_mm = sample.spacing_mm
+        delta = (pred.points - sample.points) * np.array([col_mm, row_mm])
+        rows.append(np.sqrt((delta**2).sum(axis=1)))
+    return np.array(rows)
+
+
+def summarise(samples: Sequence[SliceSample], predictions: Sequence[Prediction]) -> dict[str, Any]:
+    """All metrics: paper keys at top level (percent), challenge macro-F1, and the detail beside them."""
+    paper = paper_metrics(samples, predictions)
+    challenge = challenge_metrics(samples, predictions)
+    errors = errors_mm(samples, predictions)
+    finite = errors[np.isfinite(errors)]
+    result: dict[str, Any] = {key: paper[key] for key in PAPER_KEYS}
+    result["challenge_macro_f1"] = challenge["macro_f1"]
+    result["studies"] = len(samples)
+    result["mean_error_mm"] = float(finite.mean()) if finite.size else float("nan")
+    result["median_error_mm"] = float(np.median(finite)) if finite.size else float("nan")
+    result["paper_detail"] = {k: v for k, v in paper.items() if k not in PAPER_KEYS}
+    result["challenge"] = challenge
+    result["confusion"] = confusion_matrices(samples, predictions)
+    return result
+
+
+def score_for_training(samples: Sequence[SliceSample], predictions: list[Prediction]) -> dict[str, Any]:
+    """The compact set logged per epoch while training."""
+    paper = paper_metrics(samples, predictions)
+    out: dict[str, Any] = {key: paper[key] for key in PAPER_KEYS}
+    out["macro_f1"] = challenge_metrics(samples, predictions)["macro_f1"]
+    return out
+
+
+def fold_checkpoint(checkpoint: Path, fold: int) -> Path:
+    """Where the model of fold k lives beside a shipped checkpoint: <stem>.folds/fold<k>.pt."""
+    return checkpoint.with_suffix("").with_name(checkpoint.stem + ".folds") / f"fold{fold}.pt"
+
+
+def predict_out_of_fold(
+    samples: Sequence[SliceSample],
+    checkpoint: Path,
+    folds: dict[str, int],
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Prediction]:
+    """Predict each study with the fold model that did not train on it."""
+    missing = sorted({s.study_id for s in samples} - folds.keys())
+    if missing:
+        raise ValueError(f"{len(missing)} studies are not in the folds file (e.g. {missing[0]})")
+    predictions: dict[int, Prediction] = {}
+    fold_ids = sorted({folds[s.study_id] for s in samples})
+    for done, fold in enumerate(fold_ids):
+        path = fold_checkpoint(checkpoint, fold)
+        if not path.is_file():
+            raise FileNotFoundError(f"out-of-fold evaluation needs {path} (the fold-{fold} model)")
+        predictor = Predictor.from_checkpoint(path, device)
+        members = [i for i, s in enumerate(samples) if folds[s.study_id] == fold]
+        for i, pred in zip(members, predictor.predict([samples[i].image for i in members]), strict=True):
+            predictions[i] = pred
+        if progress:
+            progress(done + 1, len(fold_ids))
+    return [predictions[i] for i in range(len(samples))]
+
+
+def write_figures(
+    out_dir: Path, samples: Sequence[SliceSample], predictions: Sequence[Prediction], max_overlays: int = 8
+) -> dict[str, str]:
+    """Overlay of a few studies, per-level error box plot, ROC curves; returns the paths written."""
+    from ccfnet_core import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors = errors_mm(samples, predictions)
+    targets = np.stack([s.abnormal_targets() for s in samples])
+    probabilities = np.stack([p.probabilities for p in predictions])
+    localised = np.nan_to_num(errors, nan=np.inf) <= 6.0
+    pick = np.linspace(0, len(samples) - 1, num=min(max_overlays, len(samples))).astype(int)
+    return {
+        "overlay": str(plots.overlay(out_dir / "overlay.png", [samples[i] for i in pick],
+                                     [predictions[i] for i in pick])),
+        "per_level_error": str(plots.per_level_error(out_dir / "per_level_error.png", errors)),
+        "roc": str(plots.roc_curves(out_dir / "roc.png", targets, probabilities, localised)),
+    }

@@ -1,0 +1,236 @@
+"""One experiment = K-fold cross-validation + a final fit on all usable studies, for one or more variants.
+
+Every run is a separate process (so several can share one GPU), writes its model and its out-of-fold
+predictions to disk, and resumes from its own state file. The parent aggregates out-of-fold metrics from
+the saved (half-precision) fold models, exactly as `ccfnet evaluate --folds` recomputes them, and prints a
+table last.
+
+    python -m ccfnet_core.experiment --data DIR --folds FILE --config exp.toml --out runs/exp --parallel 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ccfnet_core.checkpoint import load_model, save_model
+from ccfnet_core.datasets import read_dataset
+from ccfnet_core.evaluate import PAPER_KEYS, predict_out_of_fold, summarise
+from ccfnet_core.folds import load_folds
+from ccfnet_core.sample import SliceSample
+from ccfnet_core.train import TrainConfig, Trainer, write_json
+
+LIMITATIONS = (
+    "single mid-sagittal slice per study; no volumetric context",
+    "6 mm criterion uses an estimated pixel spacing (144 mm / |L1-L5|), not DICOM PixelSpacing",
+    "trained on research-only challenge data (Tianchi 2020 licence): not for clinical use",
+    "disc abnormality is one probability: bulge / protrusion / extrusion are not told apart",
+)
+
+
+def load_variants(config_path: Path) -> dict[str, dict[str, Any]]:
+    """TOML with a [base] table and [variants.NAME] tables of overrides -> NAME -> options."""
+    data = tomllib.loads(config_path.read_text())
+    base = data.get("base", {})
+    variants = data.get("variants") or {"default": {}}
+    return {name: {**base, **overrides} for name, overrides in variants.items()}
+
+
+def usable(samples: list[SliceSample]) -> list[SliceSample]:
+    return [s for s in samples if not s.flag]
+
+
+def run_one(data: Path, folds_path: Path, options: dict[str, Any], fold: int, out_dir: Path) -> None:
+    """Train one model: fold k held out (fold >= 0), or the final fit on every usable study (fold = -1)."""
+    samples = read_dataset(data)
+    folds = load_folds(folds_path)
+    cfg = TrainConfig.from_mapping(options)
+    train_pool = samples if cfg.include_flagged else usable(samples)
+    if fold >= 0:
+        train = [s for s in train_pool if folds[s.study_id] != fold]
+        val = [s for s in usable(samples) if folds[s.study_id] == fold]
+    else:
+        train, val = train_pool, []
+    from ccfnet_core.evaluate import score_for_training
+
+    def progress(kind: str, done: int, total: int) -> None:
+        if kind == "epoch":
+            print(f"[{out_dir.name}] epoch {done}/{total}", flush=True)
+
+    trainer = Trainer(cfg, train, out_dir, val, score_for_training if val else None, progress)
+    started = time.perf_counter()
+    trainer.fit()
+    trainer.export(
+        out_dir.parent / _model_name(fold),
+        {
+            "training_data": cfg.training_data or f"{len(train)} studies from {data.name}",
+            "intended_use": "research; lumbar MR sagittal T2 landmarking and grading",
+            "phantom_only": False,
+            "limitations": LIMITATIONS,
+        },
+        half=True,
+    )
+    write_json(out_dir / "done.json", {"seconds": time.perf_counter() - started, "train_studies": len(train)})
+
+
+def _launch(args: argparse.Namespace, variant: str, fold: int) -> subprocess.Popen[bytes]:
+    run_dir = args.out / variant / ("final" if fold < 0 else f"fold{fold}-run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = (run_dir / "log.txt").open("ab")
+    cmd = [
+        sys.executable, "-m", "ccfnet_core.experiment", "--data", str(args.data), "--folds", str(args.folds),
+        "--config", str(args.config), "--out", str(args.out), "--variant", variant, "--fold", str(fold),
+    ]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+
+def measure_step_seconds(data: Path, options: dict[str, Any], steps: int = 12) -> float:
+    """Seconds per training step of one variant on this machine (after a warm-up), for planning."""
+    import torch
+
+    samples = usable(read_dataset(data))
+    cfg = replace(TrainConfig.from_mapping(options), epochs=1, max_steps=steps + 4, repeats=50)
+    trainer = Trainer(cfg, samples, Path(os.devnull))
+    trainer.cfg = replace(cfg, max_steps=4)
+    trainer.train_epoch()
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    trainer.step = 0
+    trainer.cfg = replace(cfg, max_steps=steps)
+    trainer.train_epoch()
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / steps
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def plan(args: argparse.Namespace, variants: dict[str, dict[str, Any]], k: int) -> list[str]:
+    """Keep variants, in file order, while their projected serial time fits the budget (0 = no budget)."""
+    if not args.budget_seconds:
+        return list(variants)
+    n = len(usable(read_dataset(args.data)))
+    chosen, total = [], 0.0
+    for name, options in variants.items():
+        cfg = TrainConfig.from_mapping(options)
+        fold_train = n * (k - 1) // k
+        steps = cfg.epochs * (
+            k * math.ceil(fold_train * cfg.repeats / cfg.batch_size) + math.ceil(n * cfg.repeats / cfg.batch_size)
+        )
+        seconds = measure_step_seconds(args.data, options) * steps
+        fits = total + seconds <= args.budget_seconds
+        print(f"plan: {name}: {steps} steps, projected {seconds:.0f} s serial -> {'run' if fits else 'skip'}",
+              flush=True)
+        if fits:
+            chosen.append(name)
+            total += seconds
+    return chosen
+
+
+def run_all(args: argparse.Namespace) -> int:
+    variants = load_variants(args.config)
+    folds = load_folds(args.folds)
+    k = max(folds.values()) + 1
+    started = time.perf_counter()
+    selected = plan(args, variants, k)
+    variants = {name: variants[name] for name in selected}
+    jobs = [(v, f) for v in variants for f in [*range(k), -1] if not (args.out / v / _model_name(f)).is_file()]
+    print(f"{len(jobs)} runs to do, {args.parallel} at a time", flush=True)
+    running: list[tuple[str, int, subprocess.Popen[bytes]]] = []
+    failures = 0
+    while jobs or running:
+        if args.deadline_seconds and time.perf_counter() - started > args.deadline_seconds:
+            for variant, fold, process in running:
+                process.kill()
+                print(f"{variant} fold {fold}: stopped at the deadline (resumable from its state.pt)", flush=True)
+            break
+        while jobs and len(running) < args.parallel:
+            variant, fold = jobs.pop(0)
+            running.append((variant, fold, _launch(args, variant, fold)))
+        time.sleep(2)
+        for item in list(running):
+            if item[2].poll() is not None:
+                running.remove(item)
+                status = "done" if item[2].returncode == 0 else f"FAILED ({item[2].returncode})"
+                failures += item[2].returncode != 0
+                print(f"{item[0]} fold {item[1]}: {status}", flush=True)
+    return report(args, variants, k) or (1 if failures else 0)
+
+
+def _model_name(fold: int) -> str:
+    """final.pt, and the fold models where `ccfnet evaluate --folds` looks for them: final.folds/fold<k>.pt."""
+    return f"final.folds/fold{fold}.pt" if fold >= 0 else "final.pt"
+
+
+def report(args: argparse.Namespace, variants: dict[str, dict[str, Any]], k: int) -> int:
+    """Out-of-fold metrics per variant from the saved fold models; the card of each final model gets them."""
+    samples = usable(read_dataset(args.data))
+    folds = load_folds(args.folds)
+    rows: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        final = args.out / variant / "final.pt"
+        if not all((args.out / variant / _model_name(f)).is_file() for f in [*range(k), -1]):
+            print(f"{variant}: incomplete, skipped in the table")
+            continue
+        predictions = predict_out_of_fold(samples, final, folds)
+        summary = summarise(samples, predictions)
+        per_fold = {}
+        for f in range(k):
+            idx = [i for i, s in enumerate(samples) if folds[s.study_id] == f]
+            part = summarise([samples[i] for i in idx], [predictions[i] for i in idx])
+            per_fold[f] = {key: part[key] for key in (*PAPER_KEYS, "challenge_macro_f1")}
+        summary["per_fold"] = per_fold
+        write_json(args.out / variant / "cv_metrics.json", summary)
+        model, card = load_model(final)
+        metrics = {key: summary[key] for key in (*PAPER_KEYS, "challenge_macro_f1")}
+        metrics["per_fold"] = per_fold
+        metrics["evaluation"] = f"{k}-fold out-of-fold over {len(samples)} unflagged studies, 6 mm"
+        save_model(final, model, replace(card, metrics=metrics), half=True)
+        rows[variant] = summary
+    header = f"{'variant':<24}" + "".join(f"{key:>12}" for key in (*PAPER_KEYS, "macroF1"))
+    print(header)
+    for variant, summary in rows.items():
+        values = [summary[key] for key in PAPER_KEYS] + [100 * summary["challenge_macro_f1"]]
+        print(f"{variant:<24}" + "".join(f"{value:>12.2f}" for value in values))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--folds", type=Path, required=True)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--variant", default="")
+    parser.add_argument("--fold", type=int, default=None)
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--budget-seconds", type=float, default=0.0, help="plan variants to fit this")
+    parser.add_argument("--deadline-seconds", type=float, default=0.0, help="stop unfinished runs after this")
+    args = parser.parse_args(argv)
+    if args.variant:
+        options = load_variants(args.config)[args.variant]
+        run_dir = args.out / args.variant / ("final" if args.fold < 0 else f"fold{args.fold}-run")
+        run_one(args.data, args.folds, options, args.fold, run_dir)
+        return 0
+    if args.report_only:
+        variants = load_variants(args.config)
+        return report(args, variants, max(load_folds(args.folds).values()) + 1)
+    return run_all(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+

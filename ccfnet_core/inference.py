@@ -1,0 +1,86 @@
+"""Inference: resize, forward with flip TTA, decode, map back to the slice's own pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ccfnet_core.checkpoint import ModelCard, load_model
+from ccfnet_core.decode import decode, forward_tta
+from ccfnet_core.geometry import from_input_space
+from ccfnet_core.sample import Prediction
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def resize_input(image: np.ndarray, size: int) -> torch.Tensor:
+    """(3, H, W) float in [0, 1] -> (1, 3, size, size) tensor (bilinear, aspect not kept)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    if tensor.shape[-2:] == (size, size):
+        return tensor
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def predict_images(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    input_size: int,
+    stride: int,
+    device: torch.device,
+    flip: bool = True,
+    batch_size: int = 8,
+) -> list[Prediction]:
+    """Predict the 11 points and probabilities for each (3, H, W) image, in that image's pixel indices."""
+    predictions: list[Prediction] = []
+    model.eval()
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        batch = torch.cat([resize_input(image, input_size) for image in chunk]).to(device)
+        with torch.no_grad():
+            output = forward_tta(model, batch, flip=flip)
+        points, probs, peaks = decode(output, stride)
+        for image, pts, prob, peak in zip(chunk, points, probs, peaks, strict=True):
+            height, width = image.shape[-2:]
+            predictions.append(
+                Prediction(
+                    points=from_input_space(pts, height, width, input_size),
+                    probabilities=prob,
+                    confidences=peak,
+                )
+            )
+    return predictions
+
+
+class Predictor:
+    """A loaded model and its card; load once per process and reuse."""
+
+    def __init__(self, model: nn.Module, card: ModelCard, device: torch.device):
+        self.model = model
+        self.card = card
+        self.device = device
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: str = "auto") -> Predictor:
+        target = pick_device(device)
+        model, card = load_model(path, target)
+        return cls(model, card, target)
+
+    def predict(self, images: Sequence[np.ndarray], flip: bool = True) -> list[Prediction]:
+        return predict_images(self.model, images, self.card.input_size, self.card.stride, self.device, flip)
+
+    def heatmaps(self, image: np.ndarray, flip: bool = True) -> np.ndarray:
+        """The 11 TTA-averaged heatmaps (11, h, w) at network resolution, clipped to [0, 1]."""
+        batch = resize_input(image, self.card.input_size).to(self.device)
+        with torch.no_grad():
+            output = forward_tta(self.model, batch, flip=flip)
+        return output[0, :11].clamp(0, 1).cpu().numpy()

@@ -1,0 +1,144 @@
+"""The queue: Redis losing its messages, the reconciler, exactly-once pick-up; embedded mode end to end."""
+
+# ruff: noqa: F811  (pytest fixtures imported from intake_support are parameters of the same name)
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import dicom_factory as f
+import pytest
+from intake_support import (
+    RedisSpace,
+    make_settings,
+    migrate_to_head,
+    pg_url,  # noqa: F401  (fixture)
+    redis_space,  # noqa: F401  (fixture)
+    send,
+    spool_files,
+    wait_for,
+)
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from worker.assembly import sweep_once
+from worker.db import repository as repo
+from worker.db.models import Job, JobEvent
+from worker.queue.reconciler import RedisInspector
+from worker.service import EmbeddedService, EmbeddedWorker, Service
+
+pytestmark = pytest.mark.services
+
+
+def _make_jobs(svc: Service, count: int) -> list[int]:
+    assert svc.sessions is not None
+    t0 = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    for _ in range(count):
+        uids = f.new_study()
+        sop = generate_uid(f.UID_ROOT)
+        with svc.sessions.begin() as session:
+            repo.record_instance(
+                session,
+                repo.InstanceRecord(
+                    study_instance_uid=uids.study,
+                    series_instance_uid=uids.series[0],
+                    sop_instance_uid=sop,
+                    sop_class_uid=f.MR_IMAGE_STORAGE,
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    size_bytes=1,
+                    path="x",
+                    calling_ae="T",
+                    peer_address="127.0.0.1",
+                    association_id=None,
+                ),
+                now=t0,
+            )
+    made = sweep_once(svc.sessions, quiet_seconds=1, model_version="m", now=dt.datetime.now(dt.UTC))
+    return [j.job_id for j in made]
+
+
+def test_flushed_redis_jobs_are_reenqueued_and_picked_up_exactly_once(
+    tmp_path: Path,
+    pg_url: str,
+    redis_space: RedisSpace,
+) -> None:
+    migrate_to_head(pg_url)
+    settings = make_settings(
+        tmp_path / "var",
+        database_url=pg_url,
+        broker_url=redis_space.url,
+        redis_key_prefix=redis_space.prefix,
+        reconcile_grace_seconds=0.5,
+    )
+    with Service(settings, listen=False, sweep=False, reconcile=False) as svc:
+        assert svc.publisher is not None and svc.celery is not None and svc.sessions is not None
+        job_ids = _make_jobs(svc, 6)
+        assert len(job_ids) == 6
+        for job_id in job_ids:
+            assert svc.publisher.publish(job_id, "inference", reason="study assembled")
+        inspector = RedisInspector(redis_space.url, key_prefix=redis_space.prefix)
+        assert inspector.job_ids() == set(job_ids)
+
+        assert svc.reconcile() == 0  # everything is in the broker: nothing to do
+        assert redis_space.flush() > 0  # Redis restarted empty
+        assert inspector.job_ids() == set()
+        time.sleep(0.6)
+        assert svc.reconcile() == 6
+        assert inspector.job_ids() == set(job_ids)
+        # A duplicate message for two jobs (say a reconciler raced a slow publish): still one pick-up each.
+        svc.publisher.publish(job_ids[0], "inference", reason="duplicate")
+        svc.publisher.publish(job_ids[1], "inference", reason="duplicate")
+
+        worker = EmbeddedWorker(svc.celery, queues=("inference",), concurrency=2)
+        worker.start()
+        try:
+
+            def all_done() -> bool:
+                with svc.sessions() as session:  # type: ignore[misc]
+                    states = session.scalars(select(Job.state).where(Job.id.in_(job_ids))).all()
+                return all(s == "picked_up" for s in states)
+
+            wait_for(all_done, timeout=30)
+            wait_for(lambda: inspector.job_ids() == set(), timeout=10)  # duplicates consumed too
+        finally:
+            worker.stop()
+        with svc.sessions() as session:
+            for job_id in job_ids:
+                kinds = session.scalars(
+                    select(JobEvent.kind).where(JobEvent.job_id == job_id, JobEvent.kind == "picked_up")
+                ).all()
+                assert len(kinds) == 1, (job_id, kinds)
+                assert svc.reconcile() == 0
+
+
+def test_embedded_service_end_to_end_and_across_a_restart(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "var", study_quiet_seconds=1.0)
+    uids = f.new_study()
+    images = list(f.study_images(uids, 4))
+
+    def jobs(svc: Service) -> list[Job]:
+        assert svc.sessions is not None
+        with svc.sessions() as session:
+            return list(repo.jobs_for_study(session, uids.study))
+
+    with EmbeddedService(settings) as svc:
+        assert svc.settings.uses_sqlite
+        assert send(svc.port, images[:3]) == [0, 0, 0]
+        wait_for(lambda: (j := jobs(svc)) and j[0].state == "picked_up")
+    assert len(spool_files(settings.spool_path)) == 3
+
+    with EmbeddedService(settings) as svc:  # everything survived the restart
+        assert [(j.state, j.instance_count) for j in jobs(svc)] == [("picked_up", 3)]
+        assert send(svc.port, images[3:]) == [0]
+        wait_for(lambda: len(j := jobs(svc)) == 2 and j[1].state == "picked_up")
+        first, second = jobs(svc)
+        assert first.superseded_by == second.id and second.instance_count == 4
+        assert svc.sessions is not None
+        with svc.sessions() as session:
+            assert [e.kind for e in repo.job_events(session, second.id)] == [
+                "created",
+                "published",
+                "picked_up",
+                "finished",
+            ]

@@ -1,0 +1,48 @@
+"""``ccfnet serve``: the DICOM listener, sweeper and reconciler; ``--embedded`` adds worker threads."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import typer
+
+from worker.commands.common import EXIT_SCHEMA, configure_logging, load_settings
+
+
+def serve(
+    embedded: bool = typer.Option(
+        False, "--embedded", help="SQLite, on-disk broker and Celery worker threads in this one process."
+    ),
+    port: int | None = typer.Option(None, help="Override CCFNET_PORT."),
+) -> None:
+    """Receive DICOM studies, assemble them into jobs and queue them."""
+    from worker.db.migrate import SchemaOutdatedError
+    from worker.service import Service
+
+    settings = load_settings(port=port)
+    configure_logging(settings.log_level)
+    service = Service(settings, embedded=embedded)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        service.start()
+    except SchemaOutdatedError as exc:
+        service.stop()
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_SCHEMA) from exc
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        service.stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

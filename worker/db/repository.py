@@ -1,0 +1,429 @@
+"""Every SQL statement the service issues, as plain functions over a session (the one package that does SQL).
+
+Functions take an open session and leave committing to the caller, so one transaction can span several.
+Statements that must be safe with several listeners and workers against one database are single atomic
+UPDATEs or INSERT ... ON CONFLICT, which behave the same on PostgreSQL and SQLite.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Insert, Select, case, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from worker.db.models import (
+    Association,
+    AssociationState,
+    Instance,
+    Job,
+    JobEvent,
+    JobState,
+    Series,
+    Study,
+    StudyState,
+)
+
+
+def _insert(session: Session, table: Any) -> Any:
+    """A dialect-specific INSERT that supports ``on_conflict_*`` on both PostgreSQL and SQLite."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"unsupported database dialect {name!r}")
+
+
+# Associations ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AssociationRecord:
+    listener: str
+    calling_ae: str
+    called_ae: str
+    peer_address: str
+    peer_port: int
+    tls: bool
+
+
+def record_association(
+    session: Session,
+    rec: AssociationRecord,
+    *,
+    state: AssociationState,
+    now: dt.datetime,
+    reject_reason: str | None = None,
+) -> int:
+    row = Association(
+        listener=rec.listener,
+        calling_ae=rec.calling_ae,
+        called_ae=rec.called_ae,
+        peer_address=rec.peer_address,
+        peer_port=rec.peer_port,
+        tls=rec.tls,
+        state=state.value,
+        reject_reason=reject_reason,
+        started_at=now,
+        ended_at=now if state is AssociationState.REJECTED else None,
+        instances_stored=0,
+        instances_failed=0,
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def end_association(
+    session: Session,
+    association_id: int,
+    *,
+    state: AssociationState,
+    stored: int,
+    failed: int,
+    now: dt.datetime,
+) -> None:
+    session.execute(
+        update(Association)
+        .where(Association.id == association_id)
+        .values(state=state.value, ended_at=now, instances_stored=stored, instances_failed=failed)
+    )
+
+
+# Instances ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InstanceRecord:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    size_bytes: int
+    path: str
+    calling_ae: str
+    peer_address: str
+    association_id: int | None
+    modality: str | None = None
+    series_number: int | None = None
+
+
+@dataclass(frozen=True)
+class RecordedInstance:
+    instance_id: int
+    study_id: int
+    receive_count: int
+
+
+def find_instance_path(session: Session, sop_instance_uid: str) -> str | None:
+    return session.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
+
+
+def record_instance(session: Session, rec: InstanceRecord, *, now: dt.datetime) -> RecordedInstance:
+    """Upsert study, series and instance; any arrival (re)opens the study and restarts its quiet period.
+
+    The study row is written first so that a concurrent sweeper either sees this arrival or has already
+    assembled the study, in which case this arrival reopens it.
+    """
+    stmt = _insert(session, Study).values(
+        study_instance_uid=rec.study_instance_uid,
+        state=StudyState.RECEIVING.value,
+        first_received_at=now,
+        last_received_at=now,
+        quiet_since=now,
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Study.study_instance_uid],
+        set_={"state": StudyState.RECEIVING.value, "last_received_at": now, "quiet_since": now},
+    ).returning(Study.id)
+    study_id: int = session.execute(stmt).scalar_one()
+
+    stmt = _insert(session, Series).values(
+        study_id=study_id,
+        series_instance_uid=rec.series_instance_uid,
+        modality=rec.modality,
+        series_number=rec.series_number,
+        first_received_at=now,
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Series.series_instance_uid],
+        set_={"modality": stmt.excluded.modality, "series_number": stmt.excluded.series_number},
+    ).returning(Series.id)
+    series_id: int = session.execute(stmt).scalar_one()
+
+    values = {
+        "study_id": study_id,
+        "series_id": series_id,
+        "association_id": rec.association_id,
+        "sop_instance_uid": rec.sop_instance_uid,
+        "sop_class_uid": rec.sop_class_uid,
+        "transfer_syntax_uid": rec.transfer_syntax_uid,
+        "size_bytes": rec.size_bytes,
+        "path": rec.path,
+        "calling_ae": rec.calling_ae,
+        "peer_address": rec.peer_address,
+        "received_at": now,
+    }
+    stmt = _insert(session, Instance).values(**values, first_received_at=now, receive_count=1)
+    update_values = {k: v for k, v in values.items() if k != "sop_instance_uid"}
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Instance.sop_instance_uid],
+        set_={**update_values, "receive_count": Instance.receive_count + 1},
+    ).returning(Instance.id, Instance.receive_count)
+    instance_id, receive_count = session.execute(stmt).one()
+    return RecordedInstance(instance_id=instance_id, study_id=study_id, receive_count=receive_count)
+
+
+def restart_quiet_clock(session: Session, *, now: dt.datetime) -> int:
+    """Studies still receiving start their quiet period again (a listener just (re)started)."""
+    result = session.execute(
+        update(Study)
+        .where(Study.state == StudyState.RECEIVING.value, Study.quiet_since < now)
+        .values(quiet_since=now)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def count_instances(session: Session, study_instance_uid: str | None = None) -> int:
+    stmt: Select[tuple[int]] = select(func.count(Instance.id))
+    if study_instance_uid is not None:
+        stmt = stmt.join(Study, Study.id == Instance.study_id).where(
+            Study.study_instance_uid == study_instance_uid
+        )
+    return int(session.scalar(stmt) or 0)
+
+
+# Study assembly -------------------------------------------------------------------------------------------
+def stable_study_ids(session: Session, *, cutoff: dt.datetime, limit: int) -> list[int]:
+    return list(
+        session.scalars(
+            select(Study.id)
+            .where(Study.state == StudyState.RECEIVING.value, Study.quiet_since <= cutoff)
+            .order_by(Study.quiet_since)
+            .limit(limit)
+        )
+    )
+
+
+def claim_stable_study(session: Session, study_id: int, *, cutoff: dt.datetime, now: dt.datetime) -> bool:
+    """Atomically move one quiet study from receiving to assembled; False if another sweeper got it first
+    or an instance arrived in the meantime."""
+    result = session.execute(
+        update(Study)
+        .where(Study.id == study_id, Study.state == StudyState.RECEIVING.value, Study.quiet_since <= cutoff)
+        .values(state=StudyState.ASSEMBLED.value, assembled_at=now)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def study_uid_and_sop_uids(session: Session, study_id: int) -> tuple[str, list[str]]:
+    study_uid = session.execute(select(Study.study_instance_uid).where(Study.id == study_id)).scalar_one()
+    uids = list(
+        session.scalars(
+            select(Instance.sop_instance_uid)
+            .where(Instance.study_id == study_id)
+            .order_by(Instance.sop_instance_uid)
+        )
+    )
+    return study_uid, uids
+
+
+# Jobs -----------------------------------------------------------------------------------------------------
+def add_job_event(
+    session: Session, job_id: int, kind: str, *, now: dt.datetime, detail: dict[str, Any] | None = None
+) -> None:
+    session.add(JobEvent(job_id=job_id, at=now, kind=kind, detail=detail))
+
+
+def create_job(
+    session: Session,
+    *,
+    study_id: int,
+    idempotency_key: str,
+    model_version: str,
+    queue: str,
+    instance_count: int,
+    now: dt.datetime,
+) -> int | None:
+    """Insert a queued job; None when a job with this idempotency key already exists."""
+    stmt: Insert = _insert(session, Job).values(
+        study_id=study_id,
+        idempotency_key=idempotency_key,
+        model_version=model_version,
+        state=JobState.QUEUED.value,
+        queue=queue,
+        instance_count=instance_count,
+        created_at=now,
+        updated_at=now,
+        publish_count=0,
+        attempts=0,
+    )
+    stmt = stmt.on_conflict_do_nothing(index_elements=[Job.idempotency_key]).returning(Job.id)  # type: ignore[attr-defined]
+    job_id = session.execute(stmt).scalar_one_or_none()
+    if job_id is not None:
+        add_job_event(session, job_id, "created", now=now, detail={"instances": instance_count})
+    return job_id
+
+
+def supersede_older_jobs(session: Session, *, study_id: int, new_job_id: int, now: dt.datetime) -> list[int]:
+    """Point every earlier job of the study at the new one; those not yet started will not run."""
+    older = list(
+        session.scalars(
+            select(Job.id).where(Job.study_id == study_id, Job.id != new_job_id, Job.superseded_by.is_(None))
+        )
+    )
+    if not older:
+        return []
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(older))
+        .values(
+            superseded_by=new_job_id,
+            updated_at=now,
+            state=case((Job.state == JobState.QUEUED.value, JobState.SUPERSEDED.value), else_=Job.state),
+        )
+    )
+    for job_id in older:
+        add_job_event(session, job_id, "superseded", now=now, detail={"by": new_job_id})
+    return older
+
+
+def get_job(session: Session, job_id: int) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def jobs_for_study(session: Session, study_instance_uid: str) -> Sequence[Job]:
+    return session.scalars(
+        select(Job)
+        .join(Study, Study.id == Job.study_id)
+        .where(Study.study_instance_uid == study_instance_uid)
+        .order_by(Job.id)
+    ).all()
+
+
+def job_events(session: Session, job_id: int) -> Sequence[JobEvent]:
+    return session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+
+
+def mark_published(session: Session, job_id: int, *, now: dt.datetime, reason: str) -> int | None:
+    """Record a publish of a still-queued job; return its publish number (None if no longer queued)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+        .values(publish_count=Job.publish_count + 1, published_at=now, updated_at=now)
+        .returning(Job.publish_count)
+    )
+    count = result.scalar_one_or_none()
+    if count is not None:
+        add_job_event(session, job_id, "published", now=now, detail={"n": count, "reason": reason})
+    return count
+
+
+def claim_job(
+    session: Session, job_id: int, *, now: dt.datetime, lease: dt.timedelta, worker: str, task_id: str | None
+) -> bool:
+    """queued -> running in one atomic UPDATE (or take over a running job whose lease ran out).
+
+    Exactly one of several deliveries of the same job wins; the others see False and do nothing.
+    """
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            (Job.state == JobState.QUEUED.value)
+            | ((Job.state == JobState.RUNNING.value) & (Job.lease_expires_at < now)),
+        )
+        .values(
+            state=JobState.RUNNING.value,
+            claimed_at=now,
+            lease_expires_at=now + lease,
+            attempts=Job.attempts + 1,
+            updated_at=now,
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_job_event(session, job_id, "picked_up", now=now, detail={"worker": worker, "task_id": task_id})
+    return True
+
+
+def finish_job(
+    session: Session,
+    job_id: int,
+    *,
+    state: JobState,
+    now: dt.datetime,
+    error: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+        .values(state=state.value, finished_at=now, updated_at=now, error=error, lease_expires_at=None)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    event_detail: dict[str, Any] = {"state": state.value, **(detail or {})}
+    if error:
+        event_detail["error"] = error
+    add_job_event(session, job_id, "finished", now=now, detail=event_detail)
+    return True
+
+
+def release_job(session: Session, job_id: int, *, now: dt.datetime, reason: str) -> bool:
+    """running -> queued after a retryable failure, so the next delivery can claim it again."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+        .values(state=JobState.QUEUED.value, lease_expires_at=None, updated_at=now)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_job_event(session, job_id, "retry", now=now, detail={"reason": reason})
+    return True
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    job_id: int
+    queue: str
+    published_at: dt.datetime | None
+
+
+def queued_jobs_published_before(
+    session: Session, *, cutoff: dt.datetime, limit: int = 1000
+) -> list[QueuedJob]:
+    rows = session.execute(
+        select(Job.id, Job.queue, Job.published_at)
+        .where(
+            Job.state == JobState.QUEUED.value,
+            Job.published_at.is_(None) | (Job.published_at <= cutoff),
+        )
+        .order_by(Job.id)
+        .limit(limit)
+    ).all()
+    return [QueuedJob(job_id=r[0], queue=r[1], published_at=r[2]) for r in rows]
+
+
+def requeue_expired_leases(session: Session, *, now: dt.datetime) -> list[int]:
+    """Running jobs whose worker vanished past its lease go back to queued (the reconciler republishes)."""
+    ids = list(
+        session.scalars(select(Job.id).where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now))
+    )
+    for job_id in ids:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
+            .values(state=JobState.QUEUED.value, published_at=None, updated_at=now)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            add_job_event(session, job_id, "lease_expired", now=now)
+    return ids
+
+
+def job_state_counts(session: Session) -> dict[str, int]:
+    return {
+        state: int(n) for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))
+    }

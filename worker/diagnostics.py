@@ -1,0 +1,172 @@
+"""What ``ccfnet config show`` and ``ccfnet config check`` report: settings with secrets masked, and
+whether the database, broker, spool and each destination are reachable."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import SecretStr
+
+from worker.db.engine import safe_url
+from worker.settings import ENV_PREFIX, DicomDestination, DicomWebDestination, Settings
+
+MASK = "**********"
+_URL_FIELDS = {"database_url", "broker_url"}
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return MASK
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        return str(value)
+    return value
+
+
+def shown_settings(settings: Settings) -> dict[str, Any]:
+    """Every setting as ``CCFNET_NAME -> value``, secrets masked (URL passwords as ***)."""
+    shown: dict[str, Any] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if name in _URL_FIELDS and isinstance(value, SecretStr):
+            url = value.get_secret_value()
+            value = url if url.startswith("filesystem") else safe_url(url)
+        elif name == "destinations":
+            value = [_mask(dict(d)) for d in value]
+        shown[f"{ENV_PREFIX}{name.upper()}"] = _mask(value)
+    shown["(effective database)"] = safe_url(settings.effective_database_url)
+    broker = settings.effective_broker_url
+    shown["(effective broker)"] = broker if broker.startswith("filesystem") else safe_url(broker)
+    shown["(effective spool)"] = str(settings.spool_path)
+    return shown
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def check_database(settings: Settings) -> Check:
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from worker.db.engine import make_engine
+    from worker.db.migrate import current_revision, head_revision
+
+    engine = (
+        make_engine(settings.effective_database_url, pool_pre_ping=False)
+        if not settings.uses_sqlite
+        else make_engine(settings.effective_database_url)
+    )
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        current, head = current_revision(engine), head_revision()
+    except SQLAlchemyError as exc:
+        return Check(
+            "database", False, f"{safe_url(settings.effective_database_url)}: {exc.__class__.__name__}"
+        )
+    finally:
+        engine.dispose()
+    if current != head:
+        return Check(
+            "database", False, f"schema at {current or 'none'}, needs {head}: run `ccfnet db upgrade`"
+        )
+    return Check("database", True, f"{safe_url(settings.effective_database_url)} at revision {current}")
+
+
+def check_broker(settings: Settings) -> Check:
+    from worker.queue.celery_app import filesystem_folders, is_filesystem_broker
+
+    if is_filesystem_broker(settings):
+        folder = filesystem_folders(settings)[0]
+        ok, detail = _writable(folder)
+        return Check("broker", ok, f"on-disk broker at {folder}: {detail}")
+    from kombu import Connection
+
+    url = settings.effective_broker_url
+    try:
+        with Connection(url, connect_timeout=3) as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+    except Exception as exc:  # any transport error means "not reachable"; this is a report, not a crash
+        return Check("broker", False, f"{safe_url(url)}: {exc.__class__.__name__}: {exc}")
+    return Check("broker", True, f"{safe_url(url)} reachable")
+
+
+def _writable(folder: Any) -> tuple[bool, str]:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".probe-{uuid.uuid4().hex}")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return False, f"not writable ({exc.strerror})"
+    return True, "writable"
+
+
+def check_spool(settings: Settings) -> Check:
+    import shutil
+
+    ok, detail = _writable(settings.spool_path)
+    if not ok:
+        return Check("spool", False, f"{settings.spool_path}: {detail}")
+    free_mb = shutil.disk_usage(settings.spool_path).free // (1024 * 1024)
+    enough = free_mb >= settings.min_free_disk_mb
+    return Check(
+        "spool",
+        enough,
+        f"{settings.spool_path}: writable, {free_mb} MB free (minimum {settings.min_free_disk_mb} MB)",
+    )
+
+
+def check_destination(settings: Settings, dest: DicomDestination | DicomWebDestination) -> Check:
+    if isinstance(dest, DicomDestination):
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        ae = AE(ae_title=dest.calling_ae_title or settings.ae_title)
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+        if not assoc.is_established:
+            return Check(f"destination {dest.name}", False, f"{where}: association not accepted")
+        status = assoc.send_c_echo()
+        assoc.release()
+        ok = bool(status) and int(status.Status) == 0
+        return Check(f"destination {dest.name}", ok, f"{where}: C-ECHO {'succeeded' if ok else 'failed'}")
+    import httpx
+
+    headers = {}
+    if dest.token is not None:
+        headers["Authorization"] = f"Bearer {dest.token.get_secret_value()}"
+    auth = (dest.username, dest.password.get_secret_value()) if dest.username and dest.password else None
+    try:
+        response = httpx.get(
+            f"{dest.url}/studies", params={"limit": 1}, headers=headers, auth=auth, timeout=5
+        )
+    except httpx.HTTPError as exc:
+        return Check(f"destination {dest.name}", False, f"{dest.url}: {exc.__class__.__name__}")
+    ok = response.status_code < 400
+    return Check(f"destination {dest.name}", ok, f"{dest.url}: HTTP {response.status_code}")
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    checks = [check_database(settings), check_broker(settings), check_spool(settings)]
+    checks.extend(check_destination(settings, d) for d in settings.destinations)
+    return checks

@@ -1,0 +1,312 @@
+"""Event handlers of the DICOM listener: admit, echo, store and record; never the model.
+
+Each handler is a plain function of the pynetdicom event and an :class:`IntakeContext`, and returns a member
+of a status enum. This is one of the three places where exceptions become something else: a DIMSE status.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.events import Event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.db import repository as repo
+from worker.db.models import AssociationState
+from worker.listener.status import EchoStatus, RejectReason, StoreStatus
+from worker.settings import IpNetwork
+from worker.spool import InvalidUIDError, LowDiskError, Spool, validate_uid
+from worker.timeutil import Clock, utcnow
+
+log = logging.getLogger("worker.listener")
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """Who may open an association: our called AE, and optional calling-AE and peer-address allow-lists."""
+
+    ae_title: str
+    allowed_calling_aets: frozenset[str] = frozenset()
+    allowed_networks: tuple[IpNetwork, ...] = ()
+
+
+def admit(policy: AdmissionPolicy, *, calling_ae: str, called_ae: str, address: str) -> RejectReason | None:
+    """None when the request may proceed, else why it is refused."""
+    if called_ae.strip() != policy.ae_title:
+        return RejectReason.CALLED_AE_NOT_RECOGNISED
+    if policy.allowed_calling_aets and calling_ae.strip() not in policy.allowed_calling_aets:
+        return RejectReason.CALLING_AE_NOT_RECOGNISED
+    if policy.allowed_networks:
+        try:
+            peer = ipaddress.ip_address(address)
+        except ValueError:
+            return RejectReason.PEER_ADDRESS_NOT_ALLOWED
+        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+            peer = peer.ipv4_mapped
+        if not any(peer in net for net in policy.allowed_networks):
+            return RejectReason.PEER_ADDRESS_NOT_ALLOWED
+    return None
+
+
+@dataclass
+class _Tally:
+    association_id: int | None
+    calling_ae: str
+    peer_address: str
+    stored: int = 0
+    failed: int = 0
+
+
+@dataclass
+class IntakeContext:
+    """What the handlers need: the spool, the database, the admission policy and a clock."""
+
+    spool: Spool
+    sessions: sessionmaker[Session]
+    policy: AdmissionPolicy
+    listener_name: str
+    tls: bool = False
+    clock: Clock = utcnow
+    _tallies: weakref.WeakKeyDictionary[Any, _Tally] = field(default_factory=weakref.WeakKeyDictionary)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def tally(self, assoc: Any) -> _Tally:
+        with self._lock:
+            found = self._tallies.get(assoc)
+            if found is None:
+                requestor = assoc.requestor
+                found = _Tally(None, str(requestor.ae_title).strip(), str(requestor.address))
+                self._tallies[assoc] = found
+            return found
+
+    def forget(self, assoc: Any) -> _Tally | None:
+        with self._lock:
+            return self._tallies.pop(assoc, None)
+
+
+def _association_record(event: Event, ctx: IntakeContext) -> repo.AssociationRecord:
+    requestor = event.assoc.requestor
+    primitive = requestor.primitive
+    called = str(getattr(primitive, "called_ae_title", "") or "").strip()
+    calling = str(getattr(primitive, "calling_ae_title", "") or requestor.ae_title or "").strip()
+    return repo.AssociationRecord(
+        listener=ctx.listener_name,
+        calling_ae=calling[:16],
+        called_ae=called[:16],
+        peer_address=str(requestor.address),
+        peer_port=int(requestor.port or 0),
+        tls=ctx.tls,
+    )
+
+
+def handle_requested(event: Event, ctx: IntakeContext) -> None:
+    """EVT_REQUESTED: apply the admission policy; a refusal is sent as A-ASSOCIATE-RJ and recorded."""
+    rec = _association_record(event, ctx)
+    reason = admit(ctx.policy, calling_ae=rec.calling_ae, called_ae=rec.called_ae, address=rec.peer_address)
+    if reason is None:
+        return
+    log.warning(
+        "association rejected: %s (calling AE %r, called AE %r, peer %s)",
+        reason.name.lower(),
+        rec.calling_ae,
+        rec.called_ae,
+        rec.peer_address,
+    )
+    event.assoc.acse.send_reject(*reason.value)
+    try:
+        with ctx.sessions.begin() as session:
+            repo.record_association(
+                session,
+                rec,
+                state=AssociationState.REJECTED,
+                now=ctx.clock(),
+                reject_reason=reason.name.lower(),
+            )
+    except SQLAlchemyError:
+        log.exception("could not record a rejected association")
+
+
+def handle_established(event: Event, ctx: IntakeContext) -> None:
+    rec = _association_record(event, ctx)
+    tally = ctx.tally(event.assoc)
+    try:
+        with ctx.sessions.begin() as session:
+            tally.association_id = repo.record_association(
+                session, rec, state=AssociationState.ACCEPTED, now=ctx.clock()
+            )
+    except SQLAlchemyError:
+        log.exception("could not record an association")
+    log.info("association %s accepted from %r at %s", tally.association_id, rec.calling_ae, rec.peer_address)
+
+
+def _handle_end(event: Event, ctx: IntakeContext, state: AssociationState) -> None:
+    tally = ctx.forget(event.assoc)
+    if tally is None or tally.association_id is None:
+        return
+    try:
+        with ctx.sessions.begin() as session:
+            repo.end_association(
+                session,
+                tally.association_id,
+                state=state,
+                stored=tally.stored,
+                failed=tally.failed,
+                now=ctx.clock(),
+            )
+    except SQLAlchemyError:
+        log.exception("could not record the end of association %s", tally.association_id)
+    log.info(
+        "association %s %s: %d stored, %d failed",
+        tally.association_id,
+        state.value,
+        tally.stored,
+        tally.failed,
+    )
+
+
+def handle_released(event: Event, ctx: IntakeContext) -> None:
+    _handle_end(event, ctx, AssociationState.RELEASED)
+
+
+def handle_aborted(event: Event, ctx: IntakeContext) -> None:
+    _handle_end(event, ctx, AssociationState.ABORTED)
+
+
+def handle_echo(event: Event, ctx: IntakeContext) -> EchoStatus:
+    return EchoStatus.SUCCESS
+
+
+class TruncatedDatasetError(ValueError):
+    """An element declares more bytes than the stream holds."""
+
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# Image SOP classes whose Pixel Data is Type 1: a dataset cut off before it is refused.
+_PIXEL_DATA_REQUIRED = frozenset({"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"})
+
+
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
+
+
+def _parse_fully(dataset: Dataset, stream: bytes | None = None) -> None:
+    """Decode every element, so a truncated or garbled dataset fails here rather than in a worker later.
+
+    pydicom defers parsing and tolerates short reads (it returns fewer bytes, or warns when a delimiter is
+    missing), so lengths are checked against the stream: ``stream`` is the encoded top-level dataset.
+    """
+    for tag in list(dataset.keys()):
+        raw = dataset.get_item(tag)
+        if isinstance(raw, RawDataElement):
+            value_length = len(raw.value or b"")
+            if raw.length != _UNDEFINED_LENGTH and value_length != raw.length:
+                raise TruncatedDatasetError(f"element {tag} is shorter than its declared length")
+            if raw.length == _UNDEFINED_LENGTH and stream is not None and raw.value_tell is not None:
+                end = raw.value_tell + value_length
+                if stream[end : end + len(_SEQUENCE_DELIMITER)] != _SEQUENCE_DELIMITER:
+                    raise TruncatedDatasetError(f"element {tag} ends without its sequence delimiter")
+        element = dataset[tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                _parse_fully(item)
+
+
+def _optional_int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def handle_store(event: Event, ctx: IntakeContext) -> StoreStatus:
+    """EVT_C_STORE: validate, write durably, record, and only then report success."""
+    tally = ctx.tally(event.assoc)
+    status = _store(event, ctx, tally)
+    if status is StoreStatus.SUCCESS:
+        tally.stored += 1
+    else:
+        tally.failed += 1
+    return status
+
+
+def _store(event: Event, ctx: IntakeContext, tally: _Tally) -> StoreStatus:
+    request = cast(C_STORE, event.request)
+    affected_sop = str(request.AffectedSOPInstanceUID or "")
+    try:
+        ctx.spool.check_space(0)
+    except LowDiskError:
+        log.error("refusing instance %s: free disk below the minimum", affected_sop)
+        return StoreStatus.OUT_OF_RESOURCES
+
+    try:
+        encoded = event.encoded_dataset(include_meta=False)
+        dataset = event.dataset
+        _parse_fully(dataset, encoded)
+    except Exception:  # pydicom raises many types for malformed input; this is the DIMSE edge
+        log.warning("instance %s: dataset could not be decoded", affected_sop, exc_info=True)
+        return StoreStatus.DATASET_DECODE_FAILED
+
+    try:
+        study_uid = validate_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
+        series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
+        sop_class = validate_uid(dataset.get("SOPClassUID"), "SOPClassUID")
+        paths = ctx.spool.paths_for(study_uid, series_uid, sop_uid)
+    except InvalidUIDError as exc:
+        log.warning("instance %s refused: %s", affected_sop, exc)
+        return StoreStatus.INVALID_UID
+
+    if sop_class != str(event.context.abstract_syntax) or sop_uid != affected_sop:
+        log.warning("instance %s refused: SOP class or instance UID differs from the request", affected_sop)
+        return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+    if sop_class in _PIXEL_DATA_REQUIRED and "PixelData" not in dataset:
+        log.warning("instance %s refused: an image without Pixel Data (truncated?)", sop_uid)
+        return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+    file_meta: FileMetaDataset = event.file_meta
+    file_meta.SourceApplicationEntityTitle = tally.calling_ae or "UNKNOWN"
+    data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(file_meta), encoded))
+    existed = paths.final.exists()
+    try:
+        size = ctx.spool.write(paths, data)
+    except LowDiskError:
+        log.error("instance %s refused: disk full", sop_uid)
+        return StoreStatus.OUT_OF_RESOURCES
+    except OSError:
+        log.exception("instance %s: spool write failed", sop_uid)
+        return StoreStatus.OUT_OF_RESOURCES
+
+    record = repo.InstanceRecord(
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=str(file_meta.TransferSyntaxUID),
+        size_bytes=size,
+        path=paths.relative,
+        calling_ae=tally.calling_ae[:16],
+        peer_address=tally.peer_address[:64],
+        association_id=tally.association_id,
+        modality=str(dataset.get("Modality") or "")[:16] or None,
+        series_number=_optional_int(dataset.get("SeriesNumber")),
+    )
+    try:
+        with ctx.sessions.begin() as session:
+            repo.record_instance(session, record, now=ctx.clock())
+    except Exception:  # the database is down or refused: the sender must retry; nothing half-recorded stays
+        log.exception("instance %s: database commit failed", sop_uid)
+        if not existed:
+            ctx.spool.remove(paths)
+        return StoreStatus.OUT_OF_RESOURCES
+    log.debug("stored instance %s of study %s", sop_uid, study_uid)
+    return StoreStatus.SUCCESS

@@ -1,0 +1,68 @@
+"""Result writers (DESIGN.md step 6): standard DICOM objects from one analysed slice, each in a new series.
+
+Pure functions: an `AnalysisResult` in, pydicom datasets out; no database, no network, no model library.
+Every object copies the source's patient and study, names the algorithm (Contributing Equipment with device
+UID, General Equipment) and is marked as unverified AI output.
+"""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+from worker.results.findings import (
+    DISCS,
+    STRUCTURES,
+    VERTEBRAE,
+    AlgorithmIdentity,
+    AnalysisResult,
+    StructureFinding,
+)
+from worker.results.key_image import build_key_image
+from worker.results.presentation_state import build_presentation_state
+from worker.results.segmentation import build_segmentation
+from worker.results.sr import OHIF_PROBE_TRACKING_IDENTIFIER, SR_TRACKING_MODES, SrTracking, build_sr
+
+__all__ = [
+    "DISCS",
+    "OHIF_PROBE_TRACKING_IDENTIFIER",
+    "SR_TRACKING_MODES",
+    "STRUCTURES",
+    "VERTEBRAE",
+    "AlgorithmIdentity",
+    "AnalysisResult",
+    "SrTracking",
+    "StructureFinding",
+    "build_key_image",
+    "build_presentation_state",
+    "build_results",
+    "build_segmentation",
+    "build_sr",
+]
+
+
+def build_results(
+    result: AnalysisResult, *, sr_tracking: str = "standard", include_segmentation: bool = False
+) -> list[Dataset]:
+    """SR, GSPS and key image (and the probability SEG when asked), in that order.
+
+    `sr_tracking` "ohif" writes the SR with the tracking identifiers OHIF re-opens as editable points.
+    """
+    if not isinstance(result, AnalysisResult):
+        raise TypeError('Argument "result" must have type AnalysisResult.')
+    if sr_tracking not in SR_TRACKING_MODES:
+        raise ValueError(
+            f'Argument "sr_tracking" must be one of {", ".join(SR_TRACKING_MODES)}, got {sr_tracking!r}.'
+        )
+    if not isinstance(include_segmentation, bool):
+        raise TypeError('Argument "include_segmentation" must be a bool.')
+    if include_segmentation and result.heatmaps is None:
+        raise ValueError('Argument "include_segmentation" is True but the result has no heatmaps.')
+    tracking: SrTracking = "ohif" if sr_tracking == "ohif" else "standard"
+    objects: list[Dataset] = [
+        build_sr(result, tracking=tracking),
+        build_presentation_state(result),
+        build_key_image(result),
+    ]
+    if include_segmentation:
+        objects.append(build_segmentation(result))
+    return objects

@@ -1,0 +1,123 @@
+"""Every coded concept the result writers put into DICOM objects, in one place (STYLE.md).
+
+Schemes:
+- SCT: SNOMED CT. Vertebra and disc codes are the body-structure concepts DICOM PS3.16 lists (pydicom's
+  concept dictionary carries them); "Normal" is SCT 17621005 (CID 222/7151).
+- DCM: DICOM's own codes (PS3.16 Annex D).
+- UCUM: units.
+- LN: LOINC (procedure reported, CID 100).
+- 99CCFNET: our private scheme (see below).
+- CORNERSTONEJS: the scheme OHIF / Cornerstone3D use for free-text labels; only in the OHIF tracking mode.
+
+Disc codes follow SNOMED CT's anatomical convention of naming an intervertebral disc after the vertebra
+above it: "intervertebral disc structure of fourth lumbar vertebra" is the L4-L5 disc, "... of twelfth
+thoracic vertebra" is T12-L1 and "... of fifth lumbar vertebra" is L5-S1.
+
+The private scheme 99CCFNET (coding scheme designator "99CCFNET", a "99"-prefixed local designator as PS3.3
+8.2 allows) holds the concepts for which no SNOMED CT / DCM code could be verified when this module was
+written: the four abnormal challenge diagnoses, the localisation confidence and "probability of abnormality"
+(DCM 122157 "Probability" exists but does not say *of what*, and a reader of "Normal, probability 0.12" would
+take it as P(normal)). Every object that uses it carries a Coding Scheme Identification Sequence item
+(`PRIVATE_SCHEME`). Code values are stable: never reuse one for another meaning; add new ones at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.sr.coding import Code
+
+PRIVATE_SCHEME_DESIGNATOR: Final = "99CCFNET"
+OHIF_SCHEME_DESIGNATOR: Final = "CORNERSTONEJS"
+OHIF_FREE_TEXT_CODE_VALUE: Final = "CORNERSTONEFREETEXT"
+
+
+def private_scheme() -> CodingSchemeIdentificationItem:
+    """The Coding Scheme Identification item that documents 99CCFNET inside each object."""
+    return CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME_DESIGNATOR,
+        name="ccfnet-worker private codes",
+        version="1",
+        responsible_organization="ccfnet-worker",
+    )
+
+
+def ohif_scheme() -> CodingSchemeIdentificationItem:
+    """The Coding Scheme Identification item for OHIF's free-text label scheme."""
+    return CodingSchemeIdentificationItem(
+        designator=OHIF_SCHEME_DESIGNATOR,
+        name="Cornerstone3D free-text labels",
+        responsible_organization="OHIF / Cornerstone3D",
+    )
+
+
+def ohif_free_text(label: str) -> Code:
+    """OHIF's free-text label as a code: the text is the code meaning (LO, at most 64 characters)."""
+    if not label or len(label) > 64:
+        raise ValueError(f"OHIF free-text label must be 1..64 characters, got {len(label)}")
+    return Code(OHIF_FREE_TEXT_CODE_VALUE, OHIF_SCHEME_DESIGNATOR, label)
+
+
+# Anatomy: finding sites (SR) and segmented property types (SEG).
+L1_VERTEBRA: Final = Code("66794005", "SCT", "L1 vertebra")
+L2_VERTEBRA: Final = Code("14293000", "SCT", "L2 vertebra")
+L3_VERTEBRA: Final = Code("36470004", "SCT", "L3 vertebra")
+L4_VERTEBRA: Final = Code("11994002", "SCT", "L4 vertebra")
+L5_VERTEBRA: Final = Code("49668003", "SCT", "L5 vertebra")
+T12_L1_DISC: Final = Code("76206002", "SCT", "Intervertebral disc structure of twelfth thoracic vertebra")
+L1_L2_DISC: Final = Code("80064006", "SCT", "Intervertebral disc structure of first lumbar vertebra")
+L2_L3_DISC: Final = Code("67459009", "SCT", "Intervertebral disc structure of second lumbar vertebra")
+L3_L4_DISC: Final = Code("62551000", "SCT", "Intervertebral disc structure of third lumbar vertebra")
+L4_L5_DISC: Final = Code("84020006", "SCT", "Intervertebral disc structure of fourth lumbar vertebra")
+L5_S1_DISC: Final = Code("75782005", "SCT", "Intervertebral disc structure of fifth lumbar vertebra")
+
+STRUCTURE_SITES: Final[dict[str, Code]] = {
+    "L1": L1_VERTEBRA,
+    "L2": L2_VERTEBRA,
+    "L3": L3_VERTEBRA,
+    "L4": L4_VERTEBRA,
+    "L5": L5_VERTEBRA,
+    "T12-L1": T12_L1_DISC,
+    "L1-L2": L1_L2_DISC,
+    "L2-L3": L2_L3_DISC,
+    "L3-L4": L3_L4_DISC,
+    "L4-L5": L4_L5_DISC,
+    "L5-S1": L5_S1_DISC,
+}
+
+# Diagnoses (the challenge labels).
+NORMAL: Final = Code("17621005", "SCT", "Normal")
+VERTEBRAL_DEGENERATION: Final = Code("CCF1001", PRIVATE_SCHEME_DESIGNATOR, "Vertebral degeneration")
+DISC_BULGE: Final = Code("CCF1002", PRIVATE_SCHEME_DESIGNATOR, "Intervertebral disc bulge")
+DISC_PROTRUSION: Final = Code("CCF1003", PRIVATE_SCHEME_DESIGNATOR, "Intervertebral disc protrusion")
+DISC_EXTRUSION: Final = Code("CCF1004", PRIVATE_SCHEME_DESIGNATOR, "Intervertebral disc extrusion")
+SCHMORL_NODE: Final = Code("CCF1005", PRIVATE_SCHEME_DESIGNATOR, "Schmorl's node")
+
+DIAGNOSES: Final[dict[tuple[str, str], Code]] = {
+    ("vertebra", "v1"): NORMAL,
+    ("vertebra", "v2"): VERTEBRAL_DEGENERATION,
+    ("disc", "v1"): NORMAL,
+    ("disc", "v2"): DISC_BULGE,
+    ("disc", "v3"): DISC_PROTRUSION,
+    ("disc", "v4"): DISC_EXTRUSION,
+    ("disc", "v5"): SCHMORL_NODE,
+}
+
+# Measurements and their units.
+PROBABILITY_OF_ABNORMALITY: Final = Code("CCF2001", PRIVATE_SCHEME_DESIGNATOR, "Probability of abnormality")
+LOCALIZATION_CONFIDENCE: Final = Code("CCF2002", PRIVATE_SCHEME_DESIGNATOR, "Localization confidence")
+UNIT_PROBABILITY: Final = Code("{probability}", "UCUM", "probability")
+UNIT_NONE: Final = Code("1", "UCUM", "no units")
+
+# Report structure.
+PROCEDURE_REPORTED: Final = Code("25056-3", "LN", "MRI unspecified body region")
+COMMENT: Final = Code("121106", "DCM", "Comment")
+DEVICE_OBSERVER: Final = Code("121007", "DCM", "Device")
+
+# Equipment and algorithm identification.
+PROCESSING_EQUIPMENT: Final = Code("109102", "DCM", "Processing Equipment")
+ARTIFICIAL_INTELLIGENCE: Final = Code("123110", "DCM", "Artificial Intelligence")
+
+# Segmentation.
+ANATOMICAL_STRUCTURE: Final = Code("91723000", "SCT", "Anatomical Structure")

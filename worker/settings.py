@@ -1,0 +1,233 @@
+"""One typed settings object for the service, read from ``CCFNET_*`` environment variables (and ``.env``).
+
+Built once at the process edge with :func:`get_settings` and passed down; nothing reads the environment at
+import time. A bad value stops start-up with :class:`SettingsError`, whose message names the variable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "CCFNET_"
+
+# DICOM AE titles: 1-16 characters of the default character repertoire, no backslash, not all spaces.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+QueueName = Literal["inference", "export", "batch"]
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+def _check_ae_title(value: str, what: str) -> str:
+    value = value.strip()
+    if not _AE_TITLE.match(value) or not value:
+        raise ValueError(f"{what} must be 1-16 printable characters without a backslash, got {value!r}")
+    return value
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a comma-separated string or a JSON list for list-valued variables."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class DicomDestination(BaseModel):
+    """A DICOM C-STORE SCP that receives our result objects."""
+
+    kind: Literal["dicom"] = "dicom"
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None
+    tls: bool = False
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value, "ae_title")
+
+
+class DicomWebDestination(BaseModel):
+    """A DICOMweb STOW-RS endpoint that receives our result objects."""
+
+    kind: Literal["dicomweb"] = "dicomweb"
+    name: str
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+
+Destination = Annotated[DicomDestination | DicomWebDestination, Field(discriminator="kind")]
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told. Field ``x`` is the variable ``CCFNET_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # DICOM listener
+    ae_title: str = "CCFNET"
+    port: int = Field(default=11112, ge=0, le=65535)
+    bind_address: str = "0.0.0.0"
+    allowed_calling_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_peer_addresses: Annotated[list[IpNetwork], NoDecode] = Field(default_factory=list)
+    extra_storage_sop_classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_associations: int = Field(default=16, ge=1)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = True
+
+    # Storage
+    data_dir: Path = Path("var")
+    spool_dir: Path | None = None
+    min_free_disk_mb: int = Field(default=1024, ge=0)
+
+    # Database and broker (unset: embedded SQLite and on-disk broker under data_dir)
+    database_url: SecretStr | None = None
+    broker_url: SecretStr | None = None
+    redis_key_prefix: str = ""
+
+    # Study assembly and queue
+    study_quiet_seconds: float = Field(default=60.0, ge=0)
+    sweep_interval_seconds: float = Field(default=5.0, gt=0)
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0)
+    reconcile_grace_seconds: float = Field(default=60.0, ge=0)
+    task_time_limit_seconds: int = Field(default=900, ge=1)
+    task_soft_time_limit_seconds: int = Field(default=840, ge=1)
+    embedded_worker_threads: int = Field(default=2, ge=1)
+
+    # Model and results
+    model_path: Path | None = None
+    model_version: str = "ccfnet-r18-msc-1"
+    destinations: list[Destination] = Field(default_factory=list)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value, "ae_title")
+
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _calling_aets(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _calling_aets_valid(cls, value: list[str]) -> list[str]:
+        return [_check_ae_title(v, "allowed_calling_aets entry") for v in value]
+
+    @field_validator("extra_storage_sop_classes", mode="before")
+    @classmethod
+    def _extra_sop(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("extra_storage_sop_classes")
+    @classmethod
+    def _extra_sop_valid(cls, value: list[str]) -> list[str]:
+        from pydicom.uid import UID
+
+        for uid in value:
+            if not UID(uid).is_valid:
+                raise ValueError(f"not a valid UID: {uid!r}")
+        return value
+
+    @field_validator("allowed_peer_addresses", mode="before")
+    @classmethod
+    def _peers(cls, value: Any) -> Any:
+        items = _split_list(value)
+        if isinstance(items, list):
+            return [ipaddress.ip_network(str(item), strict=False) for item in items]
+        return items
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.task_soft_time_limit_seconds > self.task_time_limit_seconds:
+            raise ValueError("task_soft_time_limit_seconds must not exceed task_time_limit_seconds")
+        return self
+
+    # Derived values -----------------------------------------------------------------------------------
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
+
+    @property
+    def broker_folder(self) -> Path:
+        """Where the on-disk (embedded) broker keeps its messages."""
+        return self.data_dir / "broker"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{(self.data_dir / 'ccfnet.sqlite3').resolve()}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        if self.broker_url is not None:
+            return self.broker_url.get_secret_value()
+        return "filesystem://"
+
+    @property
+    def uses_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+    def for_embedded(self) -> Settings:
+        """The same settings with SQLite and the on-disk broker, as ``serve --embedded`` runs."""
+        update: dict[str, Any] = {"broker_url": None}
+        if not self.uses_sqlite:
+            update["database_url"] = None
+        return self.model_copy(update=update)
+
+
+def _variable_name(loc: tuple[int | str, ...]) -> str:
+    if not loc:
+        return "configuration"
+    head = str(loc[0])
+    rest = "".join(f"[{part}]" for part in loc[1:])
+    return f"{ENV_PREFIX}{head.upper()}{rest}"
+
+
+def get_settings(**overrides: Any) -> Settings:
+    """Build the settings at the process edge; raise :class:`SettingsError` naming each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{_variable_name(err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise SettingsError(f"invalid configuration: {problems}") from exc
