@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 ROOT = "1.2.826.0.1.3680043.10.1234."
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -44,7 +44,7 @@ def make_study(folder: Path, count: int) -> list[Path]:
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = MR
+        ds.file_meta.MediaStorageSOPClassUID = UID(MR)
         ds.SOPClassUID = MR
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(ROOT)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series

@@ -137,3 +137,16 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[CCFNet, 
     model = create_model(card.arch)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.to(device).eval(), card
+
+
+DEFAULT_MODEL_NAME = "ccfnet-r18msc-256-tianchi.pt"
+PHANTOM_MODEL_NAME = "ccfnet-r18msc-phantom.pt"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def default_model_path() -> Path:
+    """The configured default model: $CCFNET_MODEL_PATH, else the shipped Tianchi checkpoint in models/."""
+    import os
+
+    configured = os.environ.get("CCFNET_MODEL_PATH", "").strip()
+    return Path(configured) if configured else MODELS_DIR / DEFAULT_MODEL_NAME

@@ -1,9 +1,348 @@
-"""Research commands: model-info, train, evaluate, predict, phantom. Thin: parse, delegate, exit code."""
+"""Research commands: model-info, train, evaluate, predict, phantom. Thin: parse, delegate, exit code.
+
+Errors a user can cause (missing files, bad options, unusable data) become a one-line message and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
 import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UsageProblem(Exception):
+    """A problem with the user's input, reported without a traceback."""
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _guarded(func: F) -> F:
+    """Turn the library's input errors into a clear message and exit code 2 (the CLI edge)."""
+    import functools
+
+    from ccfnet_core.checkpoint import CheckpointError
+    from ccfnet_core.series_selection import NoEligibleSeries
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except NoEligibleSeries as exc:
+            _fail(f"no eligible series: {exc.reason}")
+        except (UsageProblem, CheckpointError, FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _emit(data: Any, as_json: bool, text: Callable[[], None]) -> None:
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=_json_default))
+    else:
+        text()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------------------------- model-info
+@_guarded
+def model_info(
+    arch: str = typer.Option("r18-msc", help="r18-msc, r50-msc, r18 or r50"),
+    input_size: int = typer.Option(512, help="square input size for the MAC count"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Parameters and multiply-accumulates of an architecture (as the paper counted them)."""
+    from ccfnet_core.model import count_macs, count_parameters, create_model
+
+    model = create_model(arch)
+    info = {
+        "arch": arch,
+        "input_size": input_size,
+        "params": count_parameters(model),
+        "macs": count_macs(model, input_size, paper_graph=True),
+        "macs_executed": count_macs(model, input_size, paper_graph=False),
+        "stride": model.stride,
+    }
+    _emit(
+        info,
+        as_json,
+        lambda: typer.echo(
+            f"{arch}: {info['params'] / 1e6:.2f} M params, {info['macs'] / 1e9:.2f} G MACs at "
+            f"1x3x{input_size}x{input_size} (paper's count; {info['macs_executed'] / 1e9:.2f} G executed)"
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------- train
+def _load_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageProblem(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        loaded = yaml.safe_load(text) or {}
+    else:
+        loaded = tomllib.loads(text)
+    if not isinstance(loaded, dict):
+        raise UsageProblem(f"{path}: expected a table of options")
+    return dict(loaded.get("train", loaded))
+
+
+@_guarded
+def train(
+    data: Path = typer.Option(..., help="tianchi-slices folder or challenge-layout folder"),
+    out: Path = typer.Option(..., help="run folder: state.pt (resume), history.csv, model.pt"),
+    config: Path | None = typer.Option(None, help="TOML or YAML file of training options"),
+    arch: str | None = typer.Option(None),
+    input_size: int | None = typer.Option(None),
+    sigma: float | None = typer.Option(None),
+    epochs: int | None = typer.Option(None),
+    repeats: int | None = typer.Option(None, help="times each study is seen per epoch"),
+    batch_size: int | None = typer.Option(None),
+    lr: float | None = typer.Option(None),
+    class_weight: float | None = typer.Option(None, help="weight of the two BCE terms"),
+    aug_strength: float | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="auto, cpu or cuda"),
+    seed: int | None = typer.Option(None),
+    init_from: str | None = typer.Option(None, help="start from this checkpoint's weights"),
+    max_steps: int | None = typer.Option(None, help="stop after this many steps (smoke runs)"),
+    folds: Path | None = typer.Option(None, help="folds file; made (k folds, by --fold-seed) if it is missing"),
+    fold: int | None = typer.Option(None, help="hold this fold out and report on it"),
+    k: int = typer.Option(4, help="number of folds when the folds file is made"),
+    fold_seed: int = typer.Option(2022, help="seed of the fold split"),
+    phantom_only: bool = typer.Option(False, help="mark the card as phantom-only (not for real images)"),
+    half: bool = typer.Option(False, help="save the exported weights in float16"),
+) -> None:
+    """Train CCF-Net (resumes from OUT/state.pt), then export OUT/model.pt with its model card."""
+    from tqdm import tqdm
+
+    from ccfnet_core.datasets import read_dataset
+    from ccfnet_core.evaluate import score_for_training
+    from ccfnet_core.folds import load_folds, make_folds, save_folds
+    from ccfnet_core.train import TrainConfig, Trainer
+
+    options = _load_config_file(config) if config else {}
+    flags = {
+        "arch": arch, "input_size": input_size, "sigma": sigma, "epochs": epochs, "repeats": repeats,
+        "batch_size": batch_size, "lr": lr, "class_weight": class_weight, "aug_strength": aug_strength,
+        "device": device, "seed": seed, "init_from": init_from, "max_steps": max_steps,
+    }
+    options.update({key: value for key, value in flags.items() if value is not None})
+    cfg = TrainConfig.from_mapping(options)
+    samples = read_dataset(data)
+    pool = samples if cfg.include_flagged else [s for s in samples if not s.flag]
+    train_set, val_set = pool, []
+    if fold is not None:
+        folds_path = folds or out / "folds.json"
+        if not folds_path.is_file():
+            save_folds(folds_path, make_folds([s.study_id for s in samples], k, fold_seed), k, fold_seed)
+        assignment = load_folds(folds_path)
+        train_set = [s for s in pool if assignment[s.study_id] != fold]
+        val_set = [s for s in samples if not s.flag and assignment[s.study_id] == fold]
+    typer.echo(f"training {cfg.arch} at {cfg.input_size}px on {len(train_set)} studies"
+               f"{f', watching {len(val_set)}' if val_set else ''}; device {cfg.device}", err=True)
+    bars: dict[str, Any] = {}
+
+    def progress(kind: str, done: int, total: int) -> None:
+        bar = bars.get(kind)
+        if bar is None or bar.total != total or done == 1 and kind == "step":
+            if bar is not None:
+                bar.close()
+            bar = bars[kind] = tqdm(total=total, desc=kind, leave=kind == "epoch", file=sys.stderr, position=0
+                                    if kind == "epoch" else 1)
+        bar.n = done
+        bar.refresh()
+
+    trainer = Trainer(cfg, train_set, out, val_set, score_for_training if val_set else None, progress)
+    if trainer.try_resume():
+        typer.echo(f"resuming at epoch {trainer.epoch}", err=True)
+    result = trainer.fit()
+    for bar in bars.values():
+        bar.close()
+    card = trainer.export(
+        out / "model.pt",
+        {
+            "training_data": cfg.training_data or f"{len(train_set)} studies from {data}",
+            "intended_use": "demonstration and tests only" if phantom_only else "research",
+            "phantom_only": phantom_only,
+            "metrics": {k2: v for k2, v in result.items() if isinstance(v, int | float)},
+            "limitations": ("trained on synthetic phantoms only: meaningless on real images",)
+            if phantom_only else (),
+        },
+        half=half,
+    )
+    from ccfnet_core.plots import learning_curves
+
+    learning_curves(out / "learning_curves.png", [out / "history.csv"])
+    typer.echo(json.dumps({"model": str(out / "model.pt"), "device_uid": card.device_uid, **card.metrics},
+                          default=_json_default))
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+@_guarded
+def evaluate(
+    data: Path = typer.Option(..., help="tianchi-slices folder or challenge-layout folder"),
+    checkpoint: Path | None = typer.Option(None, help="default: $CCFNET_MODEL_PATH or the shipped model"),
+    folds: Path | None = typer.Option(None, help="out-of-fold: each study predicted by its fold's model"),
+    out: Path = typer.Option(Path("runs/evaluate"), help="folder for figures and metrics.json"),
+    device: str = typer.Option("auto"),
+    include_flagged: bool = typer.Option(False, help="also score studies whose labels are flagged"),
+    as_json: bool = typer.Option(False, "--json", help="print all metrics as JSON"),
+) -> None:
+    """All metrics per structure and overall, confusion matrices, and figures (overlay, errors, ROC)."""
+    from ccfnet_core.checkpoint import default_model_path
+    from ccfnet_core.datasets import read_dataset
+    from ccfnet_core.evaluate import predict_out_of_fold, summarise, write_figures
+    from ccfnet_core.folds import load_folds
+    from ccfnet_core.inference import Predictor
+
+    checkpoint = checkpoint or default_model_path()
+    samples = read_dataset(data)
+    skipped = [s.study_id for s in samples if s.flag]
+    if not include_flagged:
+        samples = [s for s in samples if not s.flag]
+    if not samples:
+        raise UsageProblem(f"no studies to evaluate in {data}")
+    if folds:
+        predictions = predict_out_of_fold(samples, checkpoint, load_folds(folds), device)
+    else:
+        predictor = Predictor.from_checkpoint(checkpoint, device)
+        predictions = predictor.predict([s.image for s in samples])
+    summary = summarise(samples, predictions)
+    summary["checkpoint"] = str(checkpoint)
+    summary["mode"] = "out-of-fold" if folds else "single model"
+    summary["excluded_flagged"] = [] if include_flagged else skipped
+    summary["figures"] = write_figures(out, samples, predictions)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+
+    def text() -> None:
+        typer.echo(f"{summary['mode']} evaluation of {checkpoint} on {len(samples)} studies")
+        for key in ("L-Disc", "L-Vertebra", "C-Disc", "C-Vertebra", "Score"):
+            typer.echo(f"  {key:<12}{summary[key]:8.2f}")
+        typer.echo(f"  {'macro-F1':<12}{100 * summary['challenge_macro_f1']:8.2f}  (challenge metric)")
+        typer.echo(f"  mean error {summary['mean_error_mm']:.2f} mm, median {summary['median_error_mm']:.2f} mm")
+        typer.echo(f"figures and metrics.json in {out}")
+
+    _emit(summary, as_json, text)
+
+
+# --------------------------------------------------------------------------------------------- predict
+def _read_input(path: Path) -> Any:
+    from ccfnet_core.datasets import read_dicom_study
+    from ccfnet_core.sample import SliceSample, rescale_to_unit
+
+    nan_points = np.full((11, 2), np.nan)
+    no_labels = (frozenset(),) * 11
+    if path.is_dir():
+        return read_dicom_study(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if path.suffix == ".npy":
+        array = np.load(path)
+        if array.ndim != 2:
+            raise UsageProblem(f"{path}: expected a 2-D slice, got shape {array.shape}")
+        channel = rescale_to_unit(array)
+        return SliceSample(path.stem, np.stack([channel] * 3), nan_points, no_labels, (1.0, 1.0))
+    from ccfnet_core.series_selection import load_input_slices
+
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError) as exc:
+        raise UsageProblem(f"{path}: not a readable DICOM file ({exc})") from exc
+    image, spacing = load_input_slices([dataset, dataset, dataset])
+    return SliceSample(str(dataset.get("SOPInstanceUID", path.stem)), image, nan_points, no_labels, spacing)
+
+
+@_guarded
+def predict(
+    path: Path = typer.Argument(..., help="DICOM study folder, one DICOM file, or a .npy slice"),
+    checkpoint: Path | None = typer.Option(None, help="default: $CCFNET_MODEL_PATH or the shipped model"),
+    png: Path | None = typer.Option(None, help="write an overlay PNG here"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """The 11 points and diagnoses of one slice as JSON (and an overlay PNG with --png)."""
+    from ccfnet_core.checkpoint import default_model_path
+    from ccfnet_core.inference import Predictor
+    from ccfnet_core.structures import STRUCTURES, label_name, predicted_label, structure_type
+
+    sample = _read_input(path)
+    predictor = Predictor.from_checkpoint(checkpoint or default_model_path(), device)
+    prediction = predictor.predict([sample.image])[0]
+    findings = []
+    for k, name in enumerate(STRUCTURES):
+        label = predicted_label(k, float(prediction.probabilities[k]))
+        findings.append({
+            "structure": name,
+            "type": structure_type(k).value,
+            "x": round(float(prediction.points[k, 0]), 2),
+            "y": round(float(prediction.points[k, 1]), 2),
+            "label": label,
+            "diagnosis": label_name(k, label),
+            "probability_abnormal": round(float(prediction.probabilities[k]), 4),
+            "confidence": round(float(prediction.confidences[k]), 4),
+        })
+    card = predictor.card
+    result = {
+        "input": str(path),
+        "study": sample.study_id,
+        "model": {"name": card.display_name, "version": card.version, "device_uid": card.device_uid,
+                  "phantom_only": card.phantom_only},
+        "findings": findings,
+    }
+    if png:
+        from ccfnet_core.plots import overlay
+
+        result["png"] = str(overlay(png, [sample], [prediction], columns=1, title=card.display_name))
+    typer.echo(json.dumps(result, indent=2))
+
+
+# --------------------------------------------------------------------------------------------- phantom
+@_guarded
+def phantom(
+    out: Path = typer.Option(..., help="folder for the studies and annotations.json"),
+    studies: int = typer.Option(10, min=1),
+    seed: int = typer.Option(0),
+    size: int = typer.Option(256, help="rows and columns of each image"),
+) -> None:
+    """Synthetic lumbar MR studies as real DICOM files, in the challenge layout with its annotation JSON."""
+    from tqdm import tqdm
+
+    from ccfnet_core.phantom import write_phantom_studies
+
+    with tqdm(total=studies, desc="phantom studies", file=sys.stderr) as bar:
+        truths = write_phantom_studies(out, studies, seed, rows=size, cols=size, progress=lambda n: bar.update(1))
+    typer.echo(json.dumps({"out": str(out), "studies": len(truths), "annotations": str(out / "annotations.json")}))
 
 
 def register(app: typer.Typer) -> None:
     """Add the research commands to a Typer app (the `ccfnet` CLI mounts them)."""
+    app.command("model-info")(model_info)
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("predict")(predict)
+    app.command("phantom")(phantom)
