@@ -109,10 +109,10 @@ def learning_curves(path: Path, history_csvs: Sequence[Path]) -> Path:
         if not rows:
             continue
         epochs = [int(r["epoch"]) for r in rows]
-        left.plot(epochs, [float(r["loss_total"]) for r in rows], label=csv_path.parent.name)
+        left.plot(epochs, [float(r["loss_total"]) for r in rows], label=csv_path.stem.replace("-history", ""))
         val = [(int(r["epoch"]), float(r["val_Score"])) for r in rows if r.get("val_Score") not in (None, "")]
         if val:
-            right.plot(*zip(*val, strict=True), marker="o", label=csv_path.parent.name)
+            right.plot(*zip(*val, strict=True), marker="o", label=csv_path.stem.replace("-history", ""))
     left.set_xlabel("epoch")
     left.set_ylabel("training loss")
     left.set_yscale("log")

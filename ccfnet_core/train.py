@@ -169,6 +169,7 @@ class Trainer:
         self.order_rng = np.random.default_rng(cfg.seed)
         self.epoch = 0
         self.step = 0
+        self._val_keys: list[str] = []
         self.data = prepare(self.train_samples, cfg.input_size, self.device)
         self.pos_weights = class_pos_weights(self.train_samples)
         self.augment = AugmentConfig().scaled(cfg.aug_strength)
@@ -279,9 +280,14 @@ class Trainer:
             row["seconds"] = round(time.perf_counter() - started, 2)
             self.epoch += 1
             is_last = self.epoch >= self.cfg.epochs or (self.cfg.max_steps and self.step >= self.cfg.max_steps)
-            if self.val_samples and self.evaluate and (self.epoch % self.cfg.eval_every == 0 or is_last):
-                last_eval = self.evaluate(self.val_samples, self.predict(self.val_samples))
-                row.update({f"val_{k}": v for k, v in last_eval.items() if isinstance(v, int | float)})
+            if self.val_samples and self.evaluate:
+                # Evaluated at epoch 1 too, so that history.csv's header holds the val_ columns from the start.
+                if self.epoch == 1 or self.epoch % self.cfg.eval_every == 0 or is_last:
+                    last_eval = self.evaluate(self.val_samples, self.predict(self.val_samples))
+                    self._val_keys = [k for k, v in last_eval.items() if isinstance(v, int | float)]
+                    row.update({f"val_{k}": last_eval[k] for k in self._val_keys})
+                else:
+                    row.update({f"val_{k}": "" for k in self._val_keys})
             self._log_row(row)
             self._save_state()
             if self.progress:

@@ -57,10 +57,9 @@ class Check:
 
 
 def check_database(settings: Settings) -> Check:
-    from sqlalchemy import text
     from sqlalchemy.exc import SQLAlchemyError
 
-    from worker.db.engine import make_engine
+    from worker.db.engine import make_engine, ping
     from worker.db.migrate import current_revision, head_revision
 
     engine = (
@@ -69,8 +68,7 @@ def check_database(settings: Settings) -> Check:
         else make_engine(settings.effective_database_url)
     )
     try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        ping(engine)
         current, head = current_revision(engine), head_revision()
     except SQLAlchemyError as exc:
         return Check(
