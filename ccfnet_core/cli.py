@@ -76,7 +76,7 @@ def model_info(
     from ccfnet_core.model import count_macs, count_parameters, create_model
 
     model = create_model(arch)
-    info = {
+    info: dict[str, Any] = {
         "arch": arch,
         "input_size": input_size,
         "params": count_parameters(model),
@@ -167,7 +167,7 @@ def train(
 
     def progress(kind: str, done: int, total: int) -> None:
         bar = bars.get(kind)
-        if bar is None or bar.total != total or done == 1 and kind == "step":
+        if bar is None or bar.total != total or (done == 1 and kind == "step"):
             if bar is not None:
                 bar.close()
             bar = bars[kind] = tqdm(total=total, desc=kind, leave=kind == "epoch", file=sys.stderr, position=0
@@ -254,7 +254,7 @@ def _read_input(path: Path) -> Any:
     from ccfnet_core.sample import SliceSample, rescale_to_unit
 
     nan_points = np.full((11, 2), np.nan)
-    no_labels = (frozenset(),) * 11
+    no_labels: tuple[frozenset[str], ...] = (frozenset(),) * 11
     if path.is_dir():
         return read_dicom_study(path)
     if not path.is_file():
@@ -265,10 +265,10 @@ def _read_input(path: Path) -> Any:
             raise UsageProblem(f"{path}: expected a 2-D slice, got shape {array.shape}")
         channel = rescale_to_unit(array)
         return SliceSample(path.stem, np.stack([channel] * 3), nan_points, no_labels, (1.0, 1.0))
-    from ccfnet_core.series_selection import load_input_slices
-
     import pydicom
     from pydicom.errors import InvalidDicomError
+
+    from ccfnet_core.series_selection import load_input_slices
 
     try:
         dataset = pydicom.dcmread(path)

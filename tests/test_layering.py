@@ -8,7 +8,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN_IN_CORE = ("worker", "pynetdicom", "highdicom", "celery", "sqlalchemy", "alembic", "kombu", "redis")
 # Outside worker/db, SQLAlchemy may appear only as types and errors (sessions are passed in), never statements.
-SQL_OUTSIDE_DB_ALLOWED = {"sqlalchemy.orm": {"Session", "sessionmaker"}, "sqlalchemy.exc": None, "sqlalchemy": {"Engine"}}
+SQL_OUTSIDE_DB_ALLOWED = {
+    "sqlalchemy.orm": {"Session", "sessionmaker"},
+    "sqlalchemy.exc": None,
+    "sqlalchemy": {"Engine"},
+}
 
 
 def _imports(path: Path) -> set[str]:

@@ -60,7 +60,7 @@ def test_training_resumes_from_its_state_and_exports_a_card(
     card = resumed.export(tmp_path / "model.pt", {
         "training_data": "4 phantoms", "intended_use": "test", "phantom_only": True,
     })
-    model, loaded = load_model(tmp_path / "model.pt")
+    _, loaded = load_model(tmp_path / "model.pt")
     assert loaded.weights_sha256 == card.weights_sha256 and loaded.arch == "r18-msc"
     assert loaded.device_uid.startswith("2.25.") and len(loaded.device_uid) <= 64
     assert loaded.recipe["input_size"] == 128 and loaded.phantom_only
