@@ -122,6 +122,7 @@ def train(
     repeats: int | None = typer.Option(None, help="times each study is seen per epoch"),
     batch_size: int | None = typer.Option(None),
     lr: float | None = typer.Option(None),
+    t0: int | None = typer.Option(None, help="epochs of the first cosine cycle"),
     class_weight: float | None = typer.Option(None, help="weight of the two BCE terms"),
     aug_strength: float | None = typer.Option(None),
     device: str | None = typer.Option(None, help="auto, cpu or cuda"),
@@ -146,7 +147,7 @@ def train(
     options = _load_config_file(config) if config else {}
     flags = {
         "arch": arch, "input_size": input_size, "sigma": sigma, "epochs": epochs, "repeats": repeats,
-        "batch_size": batch_size, "lr": lr, "class_weight": class_weight, "aug_strength": aug_strength,
+        "batch_size": batch_size, "lr": lr, "t0": t0, "class_weight": class_weight, "aug_strength": aug_strength,
         "device": device, "seed": seed, "init_from": init_from, "max_steps": max_steps,
     }
     options.update({key: value for key, value in flags.items() if value is not None})

@@ -145,7 +145,16 @@ def read_dicom_study(folder: Path) -> SliceSample:
     Raises NoEligibleSeries (from choose_slice) when no series can give the input.
     """
     folder = Path(folder)
-    headers = read_headers(folder)
+    return read_dicom_files(_dcm_files(folder), name=folder.name)
+
+
+def read_dicom_files(paths: Sequence[Path], name: str = "") -> SliceSample:
+    """Like `read_dicom_study`, over an explicit list of files (the worker's spool keeps one file per instance
+    in series folders). Raises NoEligibleSeries when no series can give the input."""
+    if not paths:
+        raise FileNotFoundError("no DICOM files given")
+    headers = [_read(Path(path), stop_before_pixels=True) for path in paths]
+    folder = Path(name or Path(paths[0]).parent.name)
     series: dict[str, list[Dataset]] = {}
     for ds in headers:
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
@@ -186,13 +195,16 @@ def read_headers(folder: Path) -> list[Dataset]:
 
     A file pydicom cannot parse raises ValueError naming it: silently skipping one could change the choice.
     """
-    folder = Path(folder)
+    return [_read(path, stop_before_pixels=True) for path in _dcm_files(Path(folder))]
+
+
+def _dcm_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"study folder not found: {folder}")
     paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
     if not paths:
         raise FileNotFoundError(f"no .dcm files in {folder}")
-    return [_read(path, stop_before_pixels=True) for path in paths]
+    return paths
 
 
 def mean_intensity_from_files(datasets: Sequence[Dataset]) -> float:

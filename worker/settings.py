@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # Model and results
     model_path: Path | None = None
     model_version: str = "ccfnet-r18-msc-1"
+    model_device: Literal["auto", "cpu", "cuda"] = "auto"
+    sr_tracking: Literal["standard", "ohif"] = "standard"
+    include_segmentation: bool = False
     destinations: list[Destination] = Field(default_factory=list)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from worker.assembly import sweep_once
 from worker.db import repository as repo
 from worker.db.models import Job, JobEvent
+from worker.queue.processing import record_pickup_only
 from worker.queue.reconciler import RedisInspector
 from worker.service import EmbeddedService, EmbeddedWorker, Service
 
@@ -71,7 +72,7 @@ def test_flushed_redis_jobs_are_reenqueued_and_picked_up_exactly_once(
         redis_key_prefix=redis_space.prefix,
         reconcile_grace_seconds=0.5,
     )
-    with Service(settings, listen=False, sweep=False, reconcile=False) as svc:
+    with Service(settings, listen=False, sweep=False, reconcile=False, processor=record_pickup_only) as svc:
         assert svc.publisher is not None and svc.celery is not None and svc.sessions is not None
         job_ids = _make_jobs(svc, 6)
         assert len(job_ids) == 6
@@ -122,13 +123,13 @@ def test_embedded_service_end_to_end_and_across_a_restart(tmp_path: Path) -> Non
         with svc.sessions() as session:
             return list(repo.jobs_for_study(session, uids.study))
 
-    with EmbeddedService(settings) as svc:
+    with EmbeddedService(settings, processor=record_pickup_only) as svc:
         assert svc.settings.uses_sqlite
         assert send(svc.port, images[:3]) == [0, 0, 0]
         wait_for(lambda: (j := jobs(svc)) and j[0].state == "picked_up")
     assert len(spool_files(settings.spool_path)) == 3
 
-    with EmbeddedService(settings) as svc:  # everything survived the restart
+    with EmbeddedService(settings, processor=record_pickup_only) as svc:  # everything survived the restart
         assert [(j.state, j.instance_count) for j in jobs(svc)] == [("picked_up", 3)]
         assert send(svc.port, images[3:]) == [0]
         wait_for(lambda: len(j := jobs(svc)) == 2 and j[1].state == "picked_up")

@@ -10,7 +10,20 @@ import datetime as dt
 import enum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, MetaData, String, Text, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from worker.db.types import BigId, UTCDateTime
@@ -160,3 +173,41 @@ class JobEvent(Base):
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Finding(Base):
+    """One of the 11 structures the model reported for a job: where it is and what it looks like."""
+
+    __tablename__ = "findings"
+    __table_args__ = (UniqueConstraint("job_id", "structure"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    structure: Mapped[str] = mapped_column(String(8))
+    kind: Mapped[str] = mapped_column(String(10))
+    source_sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    column_px: Mapped[float] = mapped_column(Float)
+    row_px: Mapped[float] = mapped_column(Float)
+    patient_x_mm: Mapped[float | None] = mapped_column(Float)
+    patient_y_mm: Mapped[float | None] = mapped_column(Float)
+    patient_z_mm: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(4))
+    diagnosis: Mapped[str] = mapped_column(String(32))
+    probability: Mapped[float] = mapped_column(Float)
+    confidence: Mapped[float] = mapped_column(Float)
+
+
+class ResultObject(Base):
+    """A DICOM object written for a job (SR, GSPS, key image, segmentation), kept on disk until exported."""
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

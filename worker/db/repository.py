@@ -19,10 +19,12 @@ from sqlalchemy.orm import Session
 from worker.db.models import (
     Association,
     AssociationState,
+    Finding,
     Instance,
     Job,
     JobEvent,
     JobState,
+    ResultObject,
     Series,
     Study,
     StudyState,
@@ -427,3 +429,51 @@ def job_state_counts(session: Session) -> dict[str, int]:
     return {
         state: int(n) for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))
     }
+
+
+# Findings and result objects --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpooledInstance:
+    series_instance_uid: str
+    sop_instance_uid: str
+    path: str  # relative to the spool folder
+
+
+def spooled_instances(session: Session, study_id: int) -> list[SpooledInstance]:
+    """Every instance of a study with its series, as the worker reads them from the spool."""
+    rows = session.execute(
+        select(Series.series_instance_uid, Instance.sop_instance_uid, Instance.path)
+        .join(Series, Series.id == Instance.series_id)
+        .where(Instance.study_id == study_id)
+        .order_by(Series.series_instance_uid, Instance.sop_instance_uid)
+    )
+    return [SpooledInstance(*row) for row in rows]
+
+
+def superseding_job(session: Session, job_id: int) -> int | None:
+    """The id of the newer job that replaced this one, if any."""
+    return session.execute(select(Job.superseded_by).where(Job.id == job_id)).scalar_one_or_none()
+
+
+def replace_findings(session: Session, job_id: int, findings: Sequence[Finding]) -> None:
+    """Store a job's findings; a retried job replaces what an earlier attempt stored."""
+    for old in session.scalars(select(Finding).where(Finding.job_id == job_id)):
+        session.delete(old)
+    session.flush()
+    for finding in findings:
+        finding.job_id = job_id
+        session.add(finding)
+
+
+def add_result_object(session: Session, result: ResultObject) -> None:
+    session.add(result)
+
+
+def findings_for_job(session: Session, job_id: int) -> Sequence[Finding]:
+    return session.scalars(select(Finding).where(Finding.job_id == job_id).order_by(Finding.id)).all()
+
+
+def result_objects_for_job(session: Session, job_id: int) -> Sequence[ResultObject]:
+    return session.scalars(
+        select(ResultObject).where(ResultObject.job_id == job_id).order_by(ResultObject.id)
+    ).all()

@@ -1,8 +1,8 @@
 """What a worker does with a job it has claimed: a pluggable processor.
 
 The task (``worker.queue.tasks``) owns claiming, the session, logging and retry-vs-fatal; the processor only
-does the work and says how it ended. Until inference is plugged in, the default processor records that the
-job reached a worker.
+does the work and says how it ended. The default processor is CCF-Net inference (worker.inference);
+`record_pickup_only` is kept for tests of the queue alone.
 """
 
 from __future__ import annotations
@@ -48,5 +48,7 @@ def record_pickup_only(ctx: JobContext) -> JobOutcome:
 
 
 def default_processor(settings: Settings) -> JobProcessor:
-    """The processor a worker uses when none is given."""
-    return record_pickup_only
+    """The processor a worker uses when none is given: CCF-Net inference (worker.inference)."""
+    from worker.inference import inference_processor
+
+    return inference_processor(settings)
