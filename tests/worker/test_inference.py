@@ -1,0 +1,126 @@
+"""The inference processor end to end: DICOM in through the listener, findings and result objects out."""
+
+# ruff: noqa: F811  (pytest fixtures imported from intake_support are parameters of the same name)
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from intake_support import (
+    RedisSpace,
+    make_settings,
+    migrate_to_head,
+    pg_url,  # noqa: F401  (fixture)
+    redis_space,  # noqa: F401  (fixture)
+    send,
+    spool_files,
+    wait_for,
+)
+
+from ccfnet_core.checkpoint import MODELS_DIR, PHANTOM_MODEL_NAME
+from ccfnet_core.phantom import render_study, study_generator
+from worker.db import repository as repo
+from worker.service import EmbeddedService, EmbeddedWorker, Service
+
+pytestmark = pytest.mark.services
+MODEL = MODELS_DIR / PHANTOM_MODEL_NAME
+TERMINAL = {"succeeded", "failed", "no_eligible_series", "superseded"}
+
+
+def _study(seed: int) -> tuple[list[pydicom.Dataset], Any]:
+    return render_study(study_generator(seed, 0), 0)
+
+
+def _final_job(svc: Service, study_uid: str, timeout: float = 120) -> Any:
+    assert svc.sessions is not None
+
+    def done() -> Any:
+        with svc.sessions() as session:  # type: ignore[misc]
+            jobs = list(repo.jobs_for_study(session, study_uid))
+            return jobs[-1] if jobs and jobs[-1].state in TERMINAL else None
+
+    return wait_for(done, timeout=timeout, interval=0.3)
+
+
+def test_phantom_study_gives_11_findings_and_result_objects_on_postgres(
+    tmp_path: Path, pg_url: str, redis_space: RedisSpace
+) -> None:
+    migrate_to_head(pg_url)
+    settings = make_settings(
+        tmp_path / "var", database_url=pg_url, broker_url=redis_space.url,
+        redis_key_prefix=redis_space.prefix, model_path=MODEL,
+    )
+    datasets, truth = _study(21)
+    with Service(settings, reconcile=False) as svc:
+        assert svc.celery is not None and svc.sessions is not None
+        worker = EmbeddedWorker(svc.celery, queues=("inference",), concurrency=1)
+        worker.start()
+        try:
+            assert set(send(svc.port, datasets)) == {0}
+            job = _final_job(svc, truth.study_uid)
+        finally:
+            worker.stop()
+        assert job.state == "succeeded", job.error
+        with svc.sessions() as session:
+            findings = list(repo.findings_for_job(session, job.id))
+            objects = list(repo.result_objects_for_job(session, job.id))
+            events = [e.kind for e in repo.job_events(session, job.id)]
+    assert [f.structure for f in findings] == [
+        "L1", "L2", "L3", "L4", "L5", "T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"
+    ]
+    assert all(f.source_sop_instance_uid == truth.instance_uid for f in findings)
+    assert all(f.patient_x_mm is not None for f in findings)
+    # The sagittal slice's patient x is the slice position: every finding lies in that plane.
+    assert len({round(f.patient_x_mm, 3) for f in findings}) == 1
+    assert "results_written" in events
+    assert sorted(o.kind for o in objects) == ["gsps", "sc", "sr"]
+    for obj in objects:
+        ds = pydicom.dcmread(settings.data_dir / "results" / obj.path)
+        assert ds.StudyInstanceUID == truth.study_uid and ds.SOPInstanceUID == obj.sop_instance_uid
+    points = np.array([[f.column_px - 0.5, f.row_px - 0.5] for f in findings])
+    spacing = np.array(truth.pixel_spacing_mm[::-1])
+    within = (np.linalg.norm((points - truth.points) * spacing, axis=1) <= 6.0).mean()
+    print(f"phantom model on a new phantom through the service: {within:.0%} within 6 mm")
+    assert within >= 0.5
+
+
+def _embedded(tmp_path: Path) -> EmbeddedService:
+    return EmbeddedService(make_settings(tmp_path / "var", model_path=MODEL, study_quiet_seconds=1.0))
+
+
+def test_a_study_without_a_sagittal_series_ends_with_a_reason(tmp_path: Path) -> None:
+    datasets, truth = _study(22)
+    axial = [ds for ds in datasets if "TRA" in str(ds.SeriesDescription)]
+    assert axial
+    with _embedded(tmp_path) as svc:
+        assert set(send(svc.port, axial)) == {0}
+        job = _final_job(svc, truth.study_uid)
+    assert job.state == "no_eligible_series"
+    assert "no sagittal series" in job.error and "axial" in job.error
+
+
+def test_a_one_slice_sagittal_study_is_analysed_with_its_edges_repeated(tmp_path: Path) -> None:
+    datasets, truth = _study(23)
+    only = [ds for ds in datasets if ds.SOPInstanceUID == truth.instance_uid]
+    with _embedded(tmp_path) as svc:
+        assert send(svc.port, only) == [0]
+        job = _final_job(svc, truth.study_uid)
+        assert svc.sessions is not None
+        with svc.sessions() as session:
+            assert len(repo.findings_for_job(session, job.id)) == 11
+    assert job.state == "succeeded", job.error
+
+
+def test_a_spool_file_damaged_after_storage_fails_the_job_with_its_reason(tmp_path: Path) -> None:
+    datasets, truth = _study(24)
+    sagittal_t2 = [ds for ds in datasets if ds.SeriesInstanceUID == truth.series_uid]
+    with _embedded(tmp_path) as svc:
+        assert set(send(svc.port, sagittal_t2)) == {0}
+        for path in spool_files(svc.settings.spool_path):
+            path.write_bytes(b"not DICOM at all")
+        job = _final_job(svc, truth.study_uid)
+    assert job.state == "failed"
+    assert job.error.startswith("unreadable input")
