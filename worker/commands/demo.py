@@ -33,7 +33,7 @@ def _send(port: int, datasets: list[object]) -> list[int]:
     if not assoc.is_established:
         raise RuntimeError("the demo listener refused the association")
     try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]  # type: ignore[arg-type]
     finally:
         assoc.release()
 
