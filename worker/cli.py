@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from worker.commands import demo as demo_command
+from worker.commands import exports as export_commands
 from worker.commands import intake as intake_commands
 from worker.core_bridge import register_research_commands
 
@@ -22,6 +23,7 @@ register_research_commands(app)
 # Service command groups register themselves below, one line each.
 intake_commands.register_intake_commands(app)
 demo_command.register(app)
+export_commands.register(app)
 
 
 def main() -> None:

@@ -157,21 +157,22 @@ def process_job(ctx: JobContext) -> JobOutcome:
             "selection": analysis.selection_reason, "objects": len(written),
             "inference_seconds": round(analysis.seconds, 3), "model": analysis.model.path,
         })
-    _hand_over_to_export(settings, ctx.job_id)
+    _hand_over_to_export(ctx)
     return JobOutcome(JobState.SUCCEEDED, detail={"objects": len(written),
                                                   "inference_seconds": round(analysis.seconds, 3)})
 
 
-def _hand_over_to_export(settings: Settings, job_id: int) -> None:
-    """Queue the exports of a finished job when an export package is installed and destinations exist."""
-    if not settings.destinations:
+def _hand_over_to_export(ctx: JobContext) -> None:
+    """Create the job's exports; publish them through the running task's Celery app when there is one (the
+    export reconciler publishes them otherwise)."""
+    if not ctx.settings.destinations:
         return
-    try:
-        from worker.export.queue import enqueue_exports  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        log.warning("job %d: destinations configured but no exporter installed", job_id)
-        return
-    enqueue_exports(settings, job_id)
+    from celery import current_task
+
+    from worker.export.queue import enqueue_exports
+
+    app = current_task.app if current_task else None
+    enqueue_exports(ctx.settings, ctx.sessions, ctx.job_id, app, ctx.clock)
 
 
 def inference_processor(settings: Settings) -> JobProcessor:

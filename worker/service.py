@@ -158,7 +158,12 @@ class Service:
             grace_seconds=self.settings.reconcile_grace_seconds,
             now=self._clock(),
         )
-        return len(report.republished)
+        exports = 0
+        if self.celery is not None and self.settings.destinations:
+            from worker.export.queue import reconcile_exports
+
+            exports = reconcile_exports(self.celery, self.settings, self.sessions, self._clock)
+        return len(report.republished) + exports
 
     def stop(self) -> None:
         if self._listener is not None:

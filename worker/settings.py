@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     sr_tracking: Literal["standard", "ohif"] = "standard"
     include_segmentation: bool = False
     destinations: list[Destination] = Field(default_factory=list)
+    export_max_attempts: int = Field(default=8, ge=1)
+    export_backoff_seconds: float = Field(default=30.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

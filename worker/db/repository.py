@@ -19,6 +19,9 @@ from sqlalchemy.orm import Session
 from worker.db.models import (
     Association,
     AssociationState,
+    Export,
+    ExportAttempt,
+    ExportState,
     Finding,
     Instance,
     Job,
@@ -477,3 +480,137 @@ def result_objects_for_job(session: Session, job_id: int) -> Sequence[ResultObje
     return session.scalars(
         select(ResultObject).where(ResultObject.job_id == job_id).order_by(ResultObject.id)
     ).all()
+
+
+# Exports ------------------------------------------------------------------------------------------------------
+def create_exports(session: Session, job_id: int, destinations: Sequence[str], *, now: dt.datetime) -> list[int]:
+    """One pending export per (result object of the job, destination); existing ones are left as they are."""
+    objects = result_objects_for_job(session, job_id)
+    existing = {
+        (e.result_object_id, e.destination)
+        for e in session.scalars(select(Export).where(Export.job_id == job_id))
+    }
+    created = []
+    for obj in objects:
+        for name in destinations:
+            if (obj.id, name) in existing:
+                continue
+            export = Export(
+                job_id=job_id, result_object_id=obj.id, destination=name, state=ExportState.PENDING.value,
+                attempts=0, next_attempt_at=now, created_at=now, updated_at=now,
+            )
+            session.add(export)
+            session.flush()
+            created.append(export.id)
+    return created
+
+
+def mark_export_published(session: Session, export_id: int, *, now: dt.datetime) -> None:
+    session.execute(update(Export).where(Export.id == export_id).values(published_at=now))
+
+
+def claim_export(session: Session, export_id: int, *, now: dt.datetime) -> tuple[Export, ResultObject] | None:
+    """pending and due -> sending, atomically; a delivered or dead export is never claimed."""
+    result = session.execute(
+        update(Export)
+        .where(Export.id == export_id, Export.state == ExportState.PENDING.value, Export.next_attempt_at <= now)
+        .values(state=ExportState.SENDING.value, attempts=Export.attempts + 1, updated_at=now)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    export = session.get(Export, export_id)
+    assert export is not None
+    obj = session.get(ResultObject, export.result_object_id)
+    assert obj is not None
+    return export, obj
+
+
+def record_export_attempt(
+    session: Session,
+    export_id: int,
+    *,
+    started: dt.datetime,
+    finished: dt.datetime,
+    outcome: str,
+    status_code: int | None,
+    error: str | None,
+) -> None:
+    session.add(ExportAttempt(
+        export_id=export_id, started_at=started, finished_at=finished, outcome=outcome,
+        status_code=status_code, error=error,
+    ))
+
+
+def finish_export(
+    session: Session,
+    export_id: int,
+    *,
+    delivered: bool,
+    now: dt.datetime,
+    error: str | None,
+    max_attempts: int,
+    backoff_seconds: float,
+) -> tuple[str, float | None]:
+    """sending -> delivered, or back to pending with exponential backoff, or dead after max_attempts.
+
+    Returns the new state and, for pending, the delay until the next attempt."""
+    export = session.get(Export, export_id)
+    assert export is not None
+    if delivered:
+        export.state, export.delivered_at, export.last_error = ExportState.DELIVERED.value, now, None
+        export.updated_at = now
+        return export.state, None
+    export.last_error = error
+    export.updated_at = now
+    if export.attempts >= max_attempts:
+        export.state = ExportState.DEAD.value
+        return export.state, None
+    delay = backoff_seconds * 2 ** (export.attempts - 1)
+    export.state = ExportState.PENDING.value
+    export.next_attempt_at = now + dt.timedelta(seconds=delay)
+    return export.state, delay
+
+
+def due_exports(session: Session, *, now: dt.datetime, published_before: dt.datetime) -> list[int]:
+    """Pending exports whose attempt is due and whose message is missing or overdue (the export reconciler)."""
+    return list(session.scalars(
+        select(Export.id).where(
+            Export.state == ExportState.PENDING.value,
+            Export.next_attempt_at <= now,
+            (Export.published_at.is_(None)) | (Export.published_at < published_before),
+        ).order_by(Export.id)
+    ))
+
+
+def requeue_stuck_exports(session: Session, *, updated_before: dt.datetime, now: dt.datetime) -> int:
+    """An exporter that died while sending leaves `sending`: give it back to pending (it was not delivered)."""
+    result = session.execute(
+        update(Export)
+        .where(Export.state == ExportState.SENDING.value, Export.updated_at < updated_before)
+        .values(state=ExportState.PENDING.value, next_attempt_at=now, updated_at=now)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def exports_for_job(session: Session, job_id: int) -> Sequence[Export]:
+    return session.scalars(select(Export).where(Export.job_id == job_id).order_by(Export.id)).all()
+
+
+def export_attempts(session: Session, export_id: int) -> Sequence[ExportAttempt]:
+    return session.scalars(
+        select(ExportAttempt).where(ExportAttempt.export_id == export_id).order_by(ExportAttempt.id)
+    ).all()
+
+
+def revive_dead_exports(session: Session, *, job_id: int | None, now: dt.datetime) -> list[int]:
+    """dead -> pending (attempts reset) for one job or all; delivered exports are never touched."""
+    query = select(Export.id).where(Export.state == ExportState.DEAD.value)
+    if job_id is not None:
+        query = query.where(Export.job_id == job_id)
+    ids = list(session.scalars(query))
+    if ids:
+        session.execute(
+            update(Export).where(Export.id.in_(ids), Export.state == ExportState.DEAD.value)
+            .values(state=ExportState.PENDING.value, attempts=0, next_attempt_at=now, updated_at=now)
+        )
+    return ids

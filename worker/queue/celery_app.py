@@ -83,5 +83,8 @@ def make_celery(settings: Settings, *, processor: JobProcessor | None = None) ->
         task_create_missing_queues=False,
         worker_enable_remote_control=not is_filesystem_broker(settings),
     )
-    register_tasks(app, settings, processor)
+    runtime = register_tasks(app, settings, processor)
+    from worker.export.tasks import register_export_tasks
+
+    register_export_tasks(app, settings, lambda: runtime.sessions)
     return app

@@ -1,0 +1,1 @@
+"""Delivery of result objects to PACS destinations: C-STORE and STOW-RS, recorded attempts, bounded retries."""
