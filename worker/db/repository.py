@@ -614,3 +614,8 @@ def revive_dead_exports(session: Session, *, job_id: int | None, now: dt.datetim
             .values(state=ExportState.PENDING.value, attempts=0, next_attempt_at=now, updated_at=now)
         )
     return ids
+
+
+def last_instance_received_at(session: Session, study_id: int) -> dt.datetime | None:
+    """When the study's most recent instance was stored (the end of its transfer)."""
+    return session.execute(select(func.max(Instance.received_at)).where(Instance.study_id == study_id)).scalar()

@@ -1,0 +1,99 @@
+"""End-to-end latency of the embedded default on this machine: N phantom studies pushed at once.
+
+For each study: seconds from its last instance stored to its results delivered to a real Orthanc (or, with
+--no-orthanc, to its results stored), minus the quiet period; and the model's inference milliseconds.
+
+    python bench/pipeline.py [--studies 20] [--quiet 2] [--no-orthanc]
+Prints a table; no pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "worker"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--quiet", type=float, default=2.0)
+    parser.add_argument("--no-orthanc", action="store_true")
+    args = parser.parse_args()
+
+    from intake_support import make_settings, send
+    from orthanc import ORTHANC, ORTHANC_AE, Orthanc, free_port
+
+    from ccfnet_core.checkpoint import MODELS_DIR, PHANTOM_MODEL_NAME
+    from ccfnet_core.phantom import render_study, study_generator
+    from worker.db import repository as repo
+    from worker.service import EmbeddedService
+
+    use_orthanc = not args.no_orthanc and ORTHANC is not None
+    work = Path(tempfile.mkdtemp(prefix="ccfnet-bench-"))
+    our_port = free_port()
+    pacs = None
+    destinations = []
+    if use_orthanc:
+        pacs = Orthanc(work / "orthanc", free_port(), free_port(), "CCFNET", our_port)
+        pacs.folder.mkdir()
+        pacs.start()
+        destinations = [{"kind": "dicom", "name": "pacs", "ae_title": ORTHANC_AE, "host": "127.0.0.1",
+                         "port": pacs.dicom_port}]
+    studies = [render_study(study_generator(100, i), i) for i in range(args.studies)]
+    settings = make_settings(
+        work / "var", port=our_port, model_path=MODELS_DIR / PHANTOM_MODEL_NAME, study_quiet_seconds=args.quiet,
+        destinations=destinations, log_level="WARNING",
+    )
+    print(f"{args.studies} phantom studies, {sum(len(d) for d, _ in studies)} instances, quiet {args.quiet:g} s, "
+          f"results {'delivered to Orthanc' if use_orthanc else 'stored'}", flush=True)
+    with EmbeddedService(settings) as svc:
+        started = time.perf_counter()
+        threads = [threading.Thread(target=send, args=(svc.port, datasets)) for datasets, _ in studies]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert svc.sessions is not None
+        latencies, inference_ms = [], []
+        deadline = time.monotonic() + 1800
+        pending = {truth.study_uid for _, truth in studies}
+        while pending and time.monotonic() < deadline:
+            time.sleep(1)
+            with svc.sessions() as session:
+                for uid in list(pending):
+                    jobs = list(repo.jobs_for_study(session, uid))
+                    if not jobs or jobs[-1].state not in ("succeeded", "failed", "no_eligible_series"):
+                        continue
+                    job = jobs[-1]
+                    exports = list(repo.exports_for_job(session, job.id))
+                    if destinations and not (exports and all(e.state == "delivered" for e in exports)):
+                        continue
+                    done = max((e.delivered_at for e in exports if e.delivered_at), default=job.finished_at)
+                    last_instance = repo.last_instance_received_at(session, job.study_id)
+                    latencies.append((done - last_instance).total_seconds() - args.quiet)
+                    event = [e for e in repo.job_events(session, job.id) if e.kind == "results_written"]
+                    if event and event[0].detail:
+                        inference_ms.append(1000 * float(event[0].detail["inference_seconds"]))
+                    pending.discard(uid)
+        wall = time.perf_counter() - started
+    if pacs is not None:
+        pacs.stop()
+    latencies.sort()
+    p95 = latencies[max(0, round(0.95 * len(latencies)) - 1)] if latencies else float("nan")
+    print(f"{'studies done':<34}{len(latencies):>10}")
+    print(f"{'last instance -> results, p50 (s)':<34}{statistics.median(latencies):>10.2f}")
+    print(f"{'last instance -> results, p95 (s)':<34}{p95:>10.2f}")
+    print(f"{'inference ms per study, median':<34}{statistics.median(inference_ms):>10.1f}")
+    print(f"{'wall time (s)':<34}{wall:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
