@@ -87,8 +87,8 @@ def test_phantom_study_gives_11_findings_and_result_objects_on_postgres(
     assert within >= 0.5
 
 
-def _embedded(tmp_path: Path) -> EmbeddedService:
-    return EmbeddedService(make_settings(tmp_path / "var", model_path=MODEL, study_quiet_seconds=1.0))
+def _embedded(tmp_path: Path, **overrides: Any) -> EmbeddedService:
+    return EmbeddedService(make_settings(tmp_path / "var", model_path=MODEL, study_quiet_seconds=1.0, **overrides))
 
 
 def test_a_study_without_a_sagittal_series_ends_with_a_reason(tmp_path: Path) -> None:
@@ -105,13 +105,19 @@ def test_a_study_without_a_sagittal_series_ends_with_a_reason(tmp_path: Path) ->
 def test_a_one_slice_sagittal_study_is_analysed_with_its_edges_repeated(tmp_path: Path) -> None:
     datasets, truth = _study(23)
     only = [ds for ds in datasets if ds.SOPInstanceUID == truth.instance_uid]
-    with _embedded(tmp_path) as svc:
+    with _embedded(tmp_path, include_segmentation=True, sr_tracking="ohif") as svc:
         assert send(svc.port, only) == [0]
         job = _final_job(svc, truth.study_uid)
         assert svc.sessions is not None
         with svc.sessions() as session:
             assert len(repo.findings_for_job(session, job.id)) == 11
+            objects = {o.kind: o for o in repo.result_objects_for_job(session, job.id)}
     assert job.state == "succeeded", job.error
+    assert sorted(objects) == ["gsps", "sc", "seg", "sr"]  # the optional segmentation, when set
+    seg = pydicom.dcmread(svc.settings.data_dir / "results" / objects["seg"].path)
+    assert seg.SegmentationType == "FRACTIONAL" and len(seg.SegmentSequence) == 11
+    sr = pydicom.dcmread(svc.settings.data_dir / "results" / objects["sr"].path)
+    assert b"Cornerstone3DTools@^0.1.0:Probe" in sr.to_json().encode()
 
 
 def test_a_spool_file_damaged_after_storage_fails_the_job_with_its_reason(tmp_path: Path) -> None:
