@@ -22,7 +22,7 @@ from ccfnet_core.sample import SliceSample
 from ccfnet_core.series_selection import NoEligibleSeries
 from ccfnet_core.structures import NUM_STRUCTURES, STRUCTURES
 
-TIANCHI = Path("/work/shared/data/tianchi-slices")
+TIANCHI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tianchi-slices"
 SAGITTAL = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 ROWS, COLS = 12, 10
