@@ -50,7 +50,7 @@ def main() -> None:
     studies = [render_study(study_generator(100, i), i) for i in range(args.studies)]
     settings = make_settings(
         work / "var", port=our_port, model_path=MODELS_DIR / PHANTOM_MODEL_NAME, study_quiet_seconds=args.quiet,
-        destinations=destinations, log_level="WARNING",
+        destinations=destinations, log_level="WARNING", max_associations=max(16, args.studies + 4),
     )
     print(f"{args.studies} phantom studies, {sum(len(d) for d, _ in studies)} instances, quiet {args.quiet:g} s, "
           f"results {'delivered to Orthanc' if use_orthanc else 'stored'}", flush=True)
