@@ -7,6 +7,7 @@ import typer
 from worker.commands import demo as demo_command
 from worker.commands import exports as export_commands
 from worker.commands import intake as intake_commands
+from worker.commands import ops as ops_commands
 from worker.core_bridge import register_research_commands
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ register_research_commands(app)
 intake_commands.register_intake_commands(app)
 demo_command.register(app)
 export_commands.register(app)
+ops_commands.register(app)
 
 
 def main() -> None:

@@ -619,3 +619,87 @@ def revive_dead_exports(session: Session, *, job_id: int | None, now: dt.datetim
 def last_instance_received_at(session: Session, study_id: int) -> dt.datetime | None:
     """When the study's most recent instance was stored (the end of its transfer)."""
     return session.execute(select(func.max(Instance.received_at)).where(Instance.study_id == study_id)).scalar()
+
+
+# Operations -----------------------------------------------------------------------------------------------
+def oldest(session: Session, column: Any, *conditions: Any) -> dt.datetime | None:
+    return session.execute(select(func.min(column)).where(*conditions)).scalar()
+
+
+def waiting_studies(session: Session) -> tuple[int, dt.datetime | None]:
+    """Studies still receiving (not yet a job): how many, and since when the oldest has been waiting."""
+    condition = Study.state == StudyState.RECEIVING.value
+    count = session.execute(select(func.count()).select_from(Study).where(condition)).scalar_one()
+    return int(count), oldest(session, Study.first_received_at, condition)
+
+
+def oldest_queued_job(session: Session) -> dt.datetime | None:
+    return oldest(session, Job.created_at, Job.state == JobState.QUEUED.value)
+
+
+def jobs_finished_since(session: Session, since: dt.datetime, state: str) -> int:
+    return int(session.execute(
+        select(func.count()).select_from(Job).where(Job.state == state, Job.finished_at >= since)
+    ).scalar_one())
+
+
+def recent_failures(session: Session, limit: int = 10) -> list[tuple[int, str, str | None, dt.datetime | None]]:
+    rows = session.execute(
+        select(Job.id, Study.study_instance_uid, Job.error, Job.finished_at)
+        .join(Study, Study.id == Job.study_id)
+        .where(Job.state.in_([JobState.FAILED.value, JobState.NO_ELIGIBLE_SERIES.value]))
+        .order_by(Job.finished_at.desc(), Job.id.desc())
+        .limit(limit)
+    )
+    return [(int(r[0]), str(r[1]), r[2], r[3]) for r in rows]
+
+
+def export_state_counts(session: Session) -> dict[str, int]:
+    return {s: int(n) for s, n in session.execute(select(Export.state, func.count()).group_by(Export.state))}
+
+
+def dead_exports(session: Session, limit: int = 50) -> list[Export]:
+    return list(session.scalars(
+        select(Export).where(Export.state == ExportState.DEAD.value).order_by(Export.id).limit(limit)
+    ))
+
+
+def list_jobs(
+    session: Session, *, state: str | None = None, since: dt.datetime | None = None, limit: int = 1000
+) -> list[tuple[Job, str]]:
+    """Jobs (newest first) with their StudyInstanceUID."""
+    query = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
+    if state:
+        query = query.where(Job.state == state)
+    if since:
+        query = query.where(Job.created_at >= since)
+    return [(job, str(uid)) for job, uid in session.execute(query.order_by(Job.id.desc()).limit(limit))]
+
+
+def study_by_uid(session: Session, study_instance_uid: str) -> Study | None:
+    return session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).first()
+
+
+def studies_for_reprocess(
+    session: Session,
+    *,
+    uids: Sequence[str] = (),
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    last_job_state: str | None = None,
+) -> list[Study]:
+    """Studies chosen by UID, by receipt time, or by the state of their latest job."""
+    query = select(Study)
+    if uids:
+        query = query.where(Study.study_instance_uid.in_(list(uids)))
+    if since:
+        query = query.where(Study.last_received_at >= since)
+    if until:
+        query = query.where(Study.last_received_at < until)
+    studies = list(session.scalars(query.order_by(Study.id)))
+    if last_job_state:
+        latest = {}
+        for job in session.scalars(select(Job).order_by(Job.id)):
+            latest[job.study_id] = job.state
+        studies = [s for s in studies if latest.get(s.id) == last_job_state]
+    return studies

@@ -1,0 +1,155 @@
+"""Operations commands against the real PostgreSQL and Redis: status numbers equal the database, jobs
+list/show, and reprocess (dry run changes nothing; a real run queues batch jobs that supersede)."""
+
+# ruff: noqa: F811  (pytest fixtures imported from intake_support are parameters of the same name)
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import dicom_factory as f
+import pytest
+import redis
+from intake_support import (
+    RedisSpace,
+    make_settings,
+    migrate_to_head,
+    pg_url,  # noqa: F401  (fixture)
+    redis_space,  # noqa: F401  (fixture)
+)
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select, update
+from typer.testing import CliRunner
+
+from worker.assembly import sweep_once
+from worker.cli import app
+from worker.db import repository as repo
+from worker.db.engine import make_engine, make_session_factory
+from worker.db.models import Export, Job, JobState, ResultObject, Study
+from worker.queue.celery_app import make_celery
+from worker.queue.publish import JobPublisher
+
+pytestmark = pytest.mark.services
+NOW = dt.datetime.now(dt.UTC)
+
+
+def _instance(session: Any, study_uid: str, when: dt.datetime) -> None:
+    repo.record_instance(session, repo.InstanceRecord(
+        study_instance_uid=study_uid, series_instance_uid=generate_uid(f.UID_ROOT),
+        sop_instance_uid=generate_uid(f.UID_ROOT), sop_class_uid=f.MR_IMAGE_STORAGE,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", size_bytes=1, path="x", calling_ae="T",
+        peer_address="127.0.0.1", association_id=None,
+    ), now=when)
+
+
+@pytest.fixture
+def scripted(tmp_path: Path, pg_url: str, redis_space: RedisSpace) -> dict[str, Any]:
+    """Two waiting studies; jobs queued (in the broker), running, succeeded, failed; one dead export."""
+    migrate_to_head(pg_url)
+    settings = make_settings(tmp_path / "var", database_url=pg_url, broker_url=redis_space.url,
+                             redis_key_prefix=redis_space.prefix)
+    engine = make_engine(pg_url)
+    sessions = make_session_factory(engine)
+    old = NOW - dt.timedelta(minutes=30)
+    uids = [generate_uid(f.UID_ROOT) for _ in range(6)]
+    with sessions.begin() as session:
+        for uid in uids[:4]:
+            _instance(session, uid, old)
+    jobs = sweep_once(sessions, quiet_seconds=1, model_version="m", now=NOW - dt.timedelta(minutes=20))
+    with sessions.begin() as session:
+        for uid in uids[4:]:
+            _instance(session, uid, NOW - dt.timedelta(seconds=90))  # still receiving
+    queued, running, done, failed = (j.job_id for j in jobs)
+    celery = make_celery(settings)
+    JobPublisher(celery, sessions).publish(queued, "inference", reason="test")
+    with sessions.begin() as session:
+        for job_id, state in ((running, None), (done, JobState.SUCCEEDED), (failed, JobState.FAILED)):
+            repo.claim_job(session, job_id, now=NOW - dt.timedelta(minutes=5), lease=dt.timedelta(hours=1),
+                           worker="w", task_id="t")
+            if state is not None:
+                repo.finish_job(session, job_id, state=state, now=NOW - dt.timedelta(minutes=1),
+                                error="model exploded" if state is JobState.FAILED else None)
+        session.add(ResultObject(job_id=done, kind="sr", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                                 sop_instance_uid=generate_uid(f.UID_ROOT), series_instance_uid="1.2.3",
+                                 path="a.dcm", size_bytes=1, created_at=NOW))
+        session.flush()
+        repo.create_exports(session, done, ["pacs"], now=NOW)
+        session.execute(update(Export).values(state="dead", attempts=8, last_error="association failed"))
+    celery.close()
+    env = {"CCFNET_DATABASE_URL": pg_url, "CCFNET_BROKER_URL": redis_space.url,
+           "CCFNET_REDIS_KEY_PREFIX": redis_space.prefix, "CCFNET_DATA_DIR": str(tmp_path / "var")}
+    yield {"env": env, "sessions": sessions, "uids": uids, "jobs": (queued, running, done, failed),
+           "redis": redis_space}
+    engine.dispose()
+
+
+def test_status_json_matches_the_database_and_the_broker(scripted: dict[str, Any]) -> None:
+    result = CliRunner().invoke(app, ["status", "--json"], env=scripted["env"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    sessions = scripted["sessions"]
+    with sessions() as session:
+        by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        waiting = session.execute(select(func.count()).select_from(Study).where(Study.state == "receiving")).scalar()
+        dead = session.scalars(select(Export.id).where(Export.state == "dead")).all()
+    assert status["jobs_by_state"] == by_state == {"queued": 1, "running": 1, "succeeded": 1, "failed": 1}
+    assert status["studies_waiting"] == waiting == 2
+    assert 85 <= status["oldest_waiting_study_seconds"] <= 300
+    assert 20 * 60 <= status["oldest_queued_job_seconds"] <= 25 * 60
+    client = redis.Redis.from_url(scripted["redis"].url)
+    assert status["queues"]["inference"] == client.llen(scripted["redis"].prefix + "inference") == 1
+    assert status["queues"]["batch"] == 0
+    assert status["throughput_last_hour"] == {"succeeded": 1, "failed": 1}
+    assert [fl["job"] for fl in status["recent_failures"]] == [scripted["jobs"][3]]
+    assert status["recent_failures"][0]["reason"] == "model exploded"
+    assert [d["export"] for d in status["dead_exports"]] == list(dead) and len(dead) == 1
+    assert status["exports_by_state"] == {"dead": 1}
+
+
+def test_jobs_list_has_every_job_with_its_study_and_show_has_its_record(scripted: dict[str, Any]) -> None:
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(app, ["jobs", "list", "--json"], env=scripted["env"]).output)
+    assert sorted(row["id"] for row in listed) == sorted(scripted["jobs"])
+    assert set(row["study"] for row in listed) == set(scripted["uids"][:4])
+    failed = json.loads(runner.invoke(app, ["jobs", "list", "--state", "failed", "--json"], env=scripted["env"]).output)
+    assert [row["id"] for row in failed] == [scripted["jobs"][3]]
+    shown = json.loads(runner.invoke(app, ["jobs", "show", str(scripted["jobs"][2]), "--json"],
+                                     env=scripted["env"]).output)
+    assert [e["kind"] for e in shown["events"]] == ["created", "picked_up", "finished"]
+    assert shown["state"] == "succeeded"
+    assert shown["exports"][0]["state"] == "dead"
+    missing = runner.invoke(app, ["jobs", "show", "999999"], env=scripted["env"])
+    assert missing.exit_code == 1 and "no job 999999" in missing.output
+
+
+def test_reprocess_dry_run_changes_nothing_and_a_real_run_queues_superseding_batch_jobs(
+    scripted: dict[str, Any]
+) -> None:
+    runner = CliRunner()
+    failed_study = scripted["uids"][3]
+    sessions = scripted["sessions"]
+
+    def job_count() -> int:
+        with sessions() as session:
+            return int(session.execute(select(func.count()).select_from(Job)).scalar_one())
+
+    before = job_count()
+    dry = runner.invoke(app, ["reprocess", "--state", "failed", "--dry-run", "--json"], env=scripted["env"])
+    assert dry.exit_code == 0, dry.output
+    assert [s["study"] for s in json.loads(dry.output)["studies"]] == [failed_study]
+    assert job_count() == before
+    real = runner.invoke(app, ["reprocess", "--study", failed_study, "--json"], env=scripted["env"])
+    assert real.exit_code == 0, real.output
+    new_job = json.loads(real.output[real.output.index("{"):])["studies"][0]["job"]
+    assert job_count() == before + 1
+    with sessions() as session:
+        job = session.get(Job, new_job)
+        old = session.get(Job, scripted["jobs"][3])
+        assert job is not None and old is not None
+        assert job.queue == "batch" and job.state == "queued" and old.superseded_by == new_job
+    client = redis.Redis.from_url(scripted["redis"].url)
+    assert client.llen(scripted["redis"].prefix + "batch") == 1
+    nothing = runner.invoke(app, ["reprocess"], env=scripted["env"])
+    assert nothing.exit_code == 2 and "choose studies" in nothing.output

@@ -1,0 +1,202 @@
+"""`ccfnet status`, `ccfnet jobs list|show`, `ccfnet reprocess`: thin commands over worker.ops."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+
+jobs_app = typer.Typer(help="List jobs and show one job's whole record.", no_args_is_help=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _database() -> Iterator[tuple[Any, Any]]:
+    from worker.db.engine import make_engine, make_session_factory
+    from worker.settings import SettingsError, get_settings
+
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        _fail(str(exc))
+    engine = make_engine(settings.effective_database_url)
+    try:
+        yield settings, make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+def _parse_time(value: str | None, name: str) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"{name}: not an ISO date/time: {value!r}")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+def status(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Queue depth, jobs by state, oldest waiting study and job, throughput, failures, dead exports."""
+    from worker.ops.status import collect_status
+    from worker.timeutil import utcnow
+
+    with _database() as (settings, sessions), sessions() as session:
+        report = collect_status(settings, session, utcnow())
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo("queues:   " + "  ".join(f"{q} {n if n is not None else '?'}" for q, n in report["queues"].items()))
+    typer.echo("jobs:     " + "  ".join(f"{s} {n}" for s, n in sorted(report["jobs_by_state"].items())))
+    typer.echo(f"waiting:  {report['studies_waiting']} studies (oldest {report['oldest_waiting_study_seconds']} s);"
+               f" oldest queued job {report['oldest_queued_job_seconds']} s")
+    hour = report["throughput_last_hour"]
+    typer.echo(f"last hour: {hour['succeeded']} succeeded, {hour['failed']} failed")
+    typer.echo("exports:  " + "  ".join(f"{s} {n}" for s, n in sorted(report["exports_by_state"].items())))
+    for failure in report["recent_failures"][:5]:
+        typer.echo(f"  failed job {failure['job']}: {failure['reason']}")
+    for dead in report["dead_exports"][:5]:
+        typer.echo(f"  dead export {dead['export']} (job {dead['job']}) to {dead['destination']}: {dead['error']}")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: str | None = typer.Option(None, help="only jobs in this state"),
+    since: str | None = typer.Option(None, help="only jobs created since (ISO date/time, UTC)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Every job in every state, newest first, each with its StudyInstanceUID."""
+    from worker.db import repository as repo
+
+    since_time = _parse_time(since, "--since")
+    with _database() as (_, sessions), sessions() as session:
+        rows = [
+            {"id": job.id, "study": uid, "state": job.state, "queue": job.queue, "instances": job.instance_count,
+             "created": _iso(job.created_at), "finished": _iso(job.finished_at), "error": job.error,
+             "superseded_by": job.superseded_by}
+            for job, uid in repo.list_jobs(session, state=state, since=since_time)
+        ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row['id']:>6}  {row['state']:<19}{row['queue']:<10}{row['created']}  {row['study']}")
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """One job: events, findings, result objects and export attempts."""
+    from worker.db import repository as repo
+
+    with _database() as (_, sessions), sessions() as session:
+        job = repo.get_job(session, job_id)
+        if job is None:
+            _fail(f"no job {job_id}", 1)
+        assert job is not None
+        record: dict[str, Any] = {
+            "id": job.id, "state": job.state, "queue": job.queue, "error": job.error,
+            "events": [
+                {"at": _iso(e.at), "kind": e.kind, "detail": e.detail} for e in repo.job_events(session, job_id)
+            ],
+            "findings": [
+                {"structure": f.structure, "column": f.column_px, "row": f.row_px, "diagnosis": f.diagnosis,
+                 "probability": f.probability} for f in repo.findings_for_job(session, job_id)
+            ],
+            "result_objects": [
+                {"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "path": o.path}
+                for o in repo.result_objects_for_job(session, job_id)
+            ],
+            "exports": [
+                {"id": e.id, "destination": e.destination, "state": e.state, "attempts": [
+                    {"outcome": a.outcome, "status": a.status_code, "error": a.error, "at": _iso(a.started_at)}
+                    for a in repo.export_attempts(session, e.id)
+                ]} for e in repo.exports_for_job(session, job_id)
+            ],
+        }
+    if as_json:
+        typer.echo(json.dumps(record, indent=2))
+        return
+    typer.echo(f"job {record['id']}: {record['state']} ({record['queue']})" +
+               (f" - {record['error']}" if record["error"] else ""))
+    for event in record["events"]:
+        typer.echo(f"  {event['at']}  {event['kind']}")
+    for finding in record["findings"]:
+        typer.echo(f"  {finding['structure']:<8}{finding['diagnosis']:<16}{finding['probability']:.2f}")
+    for export in record["exports"]:
+        typer.echo(f"  export {export['id']} to {export['destination']}: {export['state']}, "
+                   f"{len(export['attempts'])} attempt(s)")
+
+
+def reprocess(
+    study: list[str] = typer.Option([], "--study", help="StudyInstanceUID (repeatable)"),
+    uid_file: Path | None = typer.Option(None, "--file", help="a file of StudyInstanceUIDs, one per line"),
+    since: str | None = typer.Option(None, help="studies received since (ISO, UTC)"),
+    until: str | None = typer.Option(None, help="studies received before (ISO, UTC)"),
+    state: str | None = typer.Option(None, help="studies whose latest job is in this state, e.g. failed"),
+    source: str = typer.Option("spool", "--from", help="spool (pulling from a PACS is not built yet)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and change nothing"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run studies again on the low-priority batch queue; their new results supersede the old ones."""
+    from tqdm import tqdm
+
+    from worker.db import repository as repo
+    from worker.ops.reprocess import plan
+    from worker.ops.reprocess import reprocess as run_reprocess
+    from worker.queue.celery_app import make_celery
+    from worker.timeutil import utcnow
+
+    if source != "spool":
+        _fail(f"--from {source}: only the spool is supported in this version")
+    uids = list(study)
+    if uid_file is not None:
+        if not uid_file.is_file():
+            _fail(f"no such file: {uid_file}")
+        uids += [line.strip() for line in uid_file.read_text().splitlines() if line.strip()]
+    if not (uids or since or until or state):
+        _fail("choose studies with --study, --file, --since/--until or --state")
+    with _database() as (settings, sessions):
+        with sessions() as session:
+            studies = repo.studies_for_reprocess(
+                session, uids=uids, since=_parse_time(since, "--since"), until=_parse_time(until, "--until"),
+                last_job_state=state,
+            )
+        missing = sorted(set(uids) - {s.study_instance_uid for s in studies}) if uids else []
+        if dry_run:
+            planned = plan(sessions, studies)
+        else:
+            app = make_celery(settings)
+            with tqdm(total=len(studies), desc="reprocess", file=sys.stderr) as bar:
+                planned = run_reprocess(sessions, app, studies, model_version=settings.model_version,
+                                        now=utcnow(), progress=bar.update)
+            app.close()
+    rows = [{"study": p.study_instance_uid, "instances": p.instances, "job": p.job_id} for p in planned]
+    if as_json:
+        typer.echo(json.dumps({"dry_run": dry_run, "studies": rows, "not_found": missing}, indent=2))
+    else:
+        for row in rows:
+            job = f"  -> job {row['job']}" if row["job"] else ""
+            typer.echo(f"{row['study']}  {row['instances']} instances{job}")
+        for uid in missing:
+            typer.echo(f"not found: {uid}")
+        typer.echo(f"{len(rows)} studies {'would be' if dry_run else ''} queued on batch".replace("  ", " "))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)
+    app.add_typer(jobs_app, name="jobs")
+    app.command("reprocess")(reprocess)

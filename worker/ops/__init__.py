@@ -1,0 +1,1 @@
+"""Operations: queue status, job listings and batch reprocessing."""

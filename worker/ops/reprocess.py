@@ -1,0 +1,66 @@
+"""Batch reprocessing from the spool: a new job per study on the low-priority `batch` queue.
+
+A reprocess is a deliberate re-run, so its idempotency key carries the request time as well as the input and
+model version: asking twice makes two jobs, the later superseding the earlier, as late arrivals do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.assembly import idempotency_key
+from worker.db import repository as repo
+from worker.db.models import Study
+from worker.queue.publish import JobPublisher
+
+BATCH_QUEUE = "batch"
+
+
+@dataclass(frozen=True)
+class Planned:
+    study_instance_uid: str
+    instances: int
+    job_id: int | None = None
+
+
+def plan(sessions: sessionmaker[Session], studies: Sequence[Study]) -> list[Planned]:
+    with sessions() as session:
+        return [
+            Planned(s.study_instance_uid, len(repo.study_uid_and_sop_uids(session, s.id)[1])) for s in studies
+        ]
+
+
+def reprocess(
+    sessions: sessionmaker[Session],
+    app: Celery,
+    studies: Sequence[Study],
+    *,
+    model_version: str,
+    now: dt.datetime,
+    progress: Callable[[int], None] | None = None,
+) -> list[Planned]:
+    """Make and publish one batch job per study (after its commit); older jobs of the study are superseded."""
+    publisher = JobPublisher(app, sessions)
+    made = []
+    for study in studies:
+        with sessions.begin() as session:
+            study_uid, uids = repo.study_uid_and_sop_uids(session, study.id)
+            key = idempotency_key(study_uid, [*uids, f"reprocess@{now.isoformat()}"], model_version)
+            job_id = repo.create_job(
+                session, study_id=study.id, idempotency_key=key, model_version=model_version,
+                queue=BATCH_QUEUE, instance_count=len(uids), now=now,
+            )
+            if job_id is not None:
+                repo.add_job_event(session, job_id, "reprocess", now=now, detail={"from": "spool"})
+                repo.supersede_older_jobs(session, study_id=study.id, new_job_id=job_id, now=now)
+        if job_id is not None:
+            publisher.publish(job_id, BATCH_QUEUE, reason="reprocess")
+        made.append(Planned(study_uid, len(uids), job_id))
+        if progress:
+            progress(1)
+    return made
