@@ -256,11 +256,8 @@ def _store(event: Event, ctx: IntakeContext, tally: _Tally) -> StoreStatus:
         return StoreStatus.DATASET_DECODE_FAILED
 
     try:
-        study_uid = validate_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
-        series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
         sop_class = validate_uid(dataset.get("SOPClassUID"), "SOPClassUID")
-        paths = ctx.spool.paths_for(study_uid, series_uid, sop_uid)
     except InvalidUIDError as exc:
         log.warning("instance %s refused: %s", affected_sop, exc)
         return StoreStatus.INVALID_UID
@@ -269,13 +266,41 @@ def _store(event: Event, ctx: IntakeContext, tally: _Tally) -> StoreStatus:
         log.warning("instance %s refused: SOP class or instance UID differs from the request", affected_sop)
         return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
 
+    file_meta: FileMetaDataset = event.file_meta
+    file_meta.SourceApplicationEntityTitle = tally.calling_ae or "UNKNOWN"
+    data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(file_meta), encoded))
+    sender = Sender(tally.calling_ae, tally.peer_address, tally.association_id)
+    return persist_instance(ctx, dataset, data, str(file_meta.TransferSyntaxUID), sender)
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sent an instance: a DIMSE peer (calling AE) or a DICOMweb client (its sender name)."""
+
+    calling_ae: str
+    peer_address: str
+    association_id: int | None = None
+
+
+def persist_instance(
+    ctx: IntakeContext, dataset: Dataset, data: bytes, transfer_syntax_uid: str, sender: Sender
+) -> StoreStatus:
+    """The part of storing every intake path shares (C-STORE and STOW-RS): UIDs checked before they become
+    path parts, durable write, database row committed, and only then success. Nothing half-done stays."""
+    try:
+        study_uid = validate_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
+        series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
+        sop_class = validate_uid(dataset.get("SOPClassUID"), "SOPClassUID")
+        paths = ctx.spool.paths_for(study_uid, series_uid, sop_uid)
+    except InvalidUIDError as exc:
+        log.warning("instance refused: %s", exc)
+        return StoreStatus.INVALID_UID
+
     if sop_class in _PIXEL_DATA_REQUIRED and "PixelData" not in dataset:
         log.warning("instance %s refused: an image without Pixel Data (truncated?)", sop_uid)
         return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
 
-    file_meta: FileMetaDataset = event.file_meta
-    file_meta.SourceApplicationEntityTitle = tally.calling_ae or "UNKNOWN"
-    data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(file_meta), encoded))
     existed = paths.final.exists()
     try:
         size = ctx.spool.write(paths, data)
@@ -291,12 +316,12 @@ def _store(event: Event, ctx: IntakeContext, tally: _Tally) -> StoreStatus:
         series_instance_uid=series_uid,
         sop_instance_uid=sop_uid,
         sop_class_uid=sop_class,
-        transfer_syntax_uid=str(file_meta.TransferSyntaxUID),
+        transfer_syntax_uid=transfer_syntax_uid,
         size_bytes=size,
         path=paths.relative,
-        calling_ae=tally.calling_ae[:16],
-        peer_address=tally.peer_address[:64],
-        association_id=tally.association_id,
+        calling_ae=sender.calling_ae[:16],
+        peer_address=sender.peer_address[:64],
+        association_id=sender.association_id,
         modality=str(dataset.get("Modality") or "")[:16] or None,
         series_number=_optional_int(dataset.get("SeriesNumber")),
     )
