@@ -88,6 +88,7 @@ class Service:
         self._listener: Listener | None = None
         self._threads: list[PeriodicThread] = []
         self._worker: EmbeddedWorker | None = None
+        self.intake: IntakeContext | None = None
 
     @property
     def port(self) -> int:
@@ -126,6 +127,7 @@ class Service:
                 tls=s.tls_enabled,
                 clock=self._clock,
             )
+            self.intake = context  # shared with the STOW-RS endpoint
             self._listener = Listener(s, context)
             self._listener.start()
         if self._sweep:

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     tls_ca: Path | None = None
     tls_require_client_cert: bool = True
 
+    # DICOMweb intake (STOW-RS): sender name -> bearer token; none configured = the endpoint refuses all.
+    stow_senders: dict[str, SecretStr] = Field(default_factory=dict)
+
     # Storage
     data_dir: Path = Path("var")
     spool_dir: Path | None = None
