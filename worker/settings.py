@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     tls_ca: Path | None = None
     tls_require_client_cert: bool = True
 
+    # Where `ccfnet reprocess --from pacs` pulls studies from (DICOMweb QIDO/WADO-RS, or DIMSE C-FIND/C-GET).
+    reprocess_source: Destination | None = None
+
     # DICOMweb intake (STOW-RS): sender name -> bearer token; none configured = the endpoint refuses all.
     stow_senders: dict[str, SecretStr] = Field(default_factory=dict)
 
@@ -137,6 +140,12 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     export_max_attempts: int = Field(default=8, ge=1)
     export_backoff_seconds: float = Field(default=30.0, gt=0)
+
+    # Operations HTTP: the ops page and /metrics. Unset port: no HTTP server (``ccfnet serve`` uses 8080).
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    http_bind: str = "127.0.0.1"
+    ops_token: SecretStr | None = None  # when set, every route but /metrics needs it
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)  # ``ccfnet worker``'s /metrics
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -147,7 +147,8 @@ def reprocess(
     since: str | None = typer.Option(None, help="studies received since (ISO, UTC)"),
     until: str | None = typer.Option(None, help="studies received before (ISO, UTC)"),
     state: str | None = typer.Option(None, help="studies whose latest job is in this state, e.g. failed"),
-    source: str = typer.Option("spool", "--from", help="spool (pulling from a PACS is not built yet)"),
+    accession: list[str] = typer.Option([], "--accession", help="AccessionNumber (repeatable; with --from pacs)"),
+    source: str = typer.Option("spool", "--from", help="spool, or pacs (CCFNET_REPROCESS_SOURCE)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and change nothing"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -160,29 +161,37 @@ def reprocess(
     from worker.queue.celery_app import make_celery
     from worker.timeutil import utcnow
 
-    if source != "spool":
-        _fail(f"--from {source}: only the spool is supported in this version")
+    if source not in ("spool", "pacs"):
+        _fail(f"--from must be spool or pacs, got {source!r}")
+    if accession and source != "pacs":
+        _fail("--accession needs --from pacs (accession numbers are looked up in the PACS)")
     uids = list(study)
     if uid_file is not None:
         if not uid_file.is_file():
             _fail(f"no such file: {uid_file}")
         uids += [line.strip() for line in uid_file.read_text().splitlines() if line.strip()]
-    if not (uids or since or until or state):
-        _fail("choose studies with --study, --file, --since/--until or --state")
+    if not (uids or accession or since or until or state):
+        _fail("choose studies with --study, --accession, --file, --since/--until or --state")
     with _database() as (settings, sessions):
+        if source == "pacs":
+            uids = _pull_from_pacs(settings, sessions, uids, accession, dry_run)
         with sessions() as session:
             studies = repo.studies_for_reprocess(
                 session, uids=uids, since=_parse_time(since, "--since"), until=_parse_time(until, "--until"),
                 last_job_state=state,
             )
         missing = sorted(set(uids) - {s.study_instance_uid for s in studies}) if uids else []
+        if dry_run and source == "pacs":
+            typer.echo(json.dumps({"dry_run": True, "from": "pacs", "studies": [{"study": uid} for uid in uids]},
+                                  indent=2) if as_json else "\n".join(f"would pull and queue {uid}" for uid in uids))
+            return
         if dry_run:
             planned = plan(sessions, studies)
         else:
             app = make_celery(settings)
             with tqdm(total=len(studies), desc="reprocess", file=sys.stderr) as bar:
                 planned = run_reprocess(sessions, app, studies, model_version=settings.model_version,
-                                        now=utcnow(), progress=bar.update)
+                                        now=utcnow(), progress=bar.update, source=source)
             app.close()
     rows = [{"study": p.study_instance_uid, "instances": p.instances, "job": p.job_id} for p in planned]
     if as_json:
@@ -194,6 +203,39 @@ def reprocess(
         for uid in missing:
             typer.echo(f"not found: {uid}")
         typer.echo(f"{len(rows)} studies {'would be' if dry_run else ''} queued on batch".replace("  ", " "))
+
+
+def _pull_from_pacs(
+    settings: Any, sessions: Any, uids: list[str], accessions: list[str], dry_run: bool
+) -> list[str]:
+    """Find the studies in the PACS (by accession) and, unless a dry run, pull them into the spool."""
+    from worker.listener.handlers import AdmissionPolicy, IntakeContext
+    from worker.ops.pull import PullError, find_studies, pull_study
+    from worker.spool import Spool
+
+    source = settings.reprocess_source
+    if source is None:
+        _fail("--from pacs needs CCFNET_REPROCESS_SOURCE (a DICOMweb or DICOM source, as in CCFNET_DESTINATIONS)")
+    try:
+        found = find_studies(source, settings.ae_title, accessions) if accessions else []
+    except PullError as exc:
+        _fail(str(exc), 1)
+    wanted = list(dict.fromkeys([*uids, *found]))
+    if accessions and not found:
+        _fail(f"no study in {source.name} has accession {', '.join(accessions)}", 1)
+    if dry_run:
+        return wanted
+    spool = Spool(settings.spool_path, min_free_bytes=settings.min_free_disk_mb * 1024 * 1024)
+    spool.prepare()
+    ctx = IntakeContext(spool=spool, sessions=sessions,
+                        policy=AdmissionPolicy(settings.ae_title, frozenset(), ()), listener_name="reprocess")
+    for uid in wanted:
+        try:
+            pulled = pull_study(ctx, source, settings.ae_title, uid)
+        except PullError as exc:
+            _fail(f"{uid}: {exc}", 1)
+        typer.echo(f"pulled {uid} from {source.name}: {pulled.stored} stored, {pulled.failed} failed", err=True)
+    return wanted
 
 
 def register(app: typer.Typer) -> None:

@@ -27,6 +27,7 @@ from worker.db.models import (
     Job,
     JobEvent,
     JobState,
+    QueueControl,
     ResultObject,
     Series,
     Study,
@@ -458,6 +459,14 @@ def superseding_job(session: Session, job_id: int) -> int | None:
     return session.execute(select(Job.superseded_by).where(Job.id == job_id)).scalar_one_or_none()
 
 
+def superseding_job_locked(session: Session, job_id: int) -> int | None:
+    """Like `superseding_job`, holding the job row until the transaction ends (PostgreSQL), so a supersede
+    cannot slip in between this check and the results being recorded."""
+    return session.execute(
+        select(Job.superseded_by).where(Job.id == job_id).with_for_update()
+    ).scalar_one_or_none()
+
+
 def replace_findings(session: Session, job_id: int, findings: Sequence[Finding]) -> None:
     """Store a job's findings; a retried job replaces what an earlier attempt stored."""
     for old in session.scalars(select(Finding).where(Finding.job_id == job_id)):
@@ -703,3 +712,57 @@ def studies_for_reprocess(
             latest[job.study_id] = job.state
         studies = [s for s in studies if latest.get(s.id) == last_job_state]
     return studies
+
+
+# Queue controls and the ops page ---------------------------------------------------------------------------
+def queue_paused(session: Session, queue: str) -> bool:
+    return bool(session.execute(select(QueueControl.paused).where(QueueControl.queue == queue)).scalar())
+
+
+def paused_queues(session: Session) -> set[str]:
+    return set(session.scalars(select(QueueControl.queue).where(QueueControl.paused.is_(True))))
+
+
+def set_queue_paused(session: Session, queue: str, *, paused: bool, now: dt.datetime) -> None:
+    statement = _insert(session, QueueControl).values(queue=queue, paused=paused, changed_at=now)
+    session.execute(
+        statement.on_conflict_do_update(index_elements=[QueueControl.queue], set_={"paused": paused,
+                                                                                   "changed_at": now})
+    )
+
+
+def queued_jobs_of_queue(session: Session, queue: str) -> list[int]:
+    return list(session.scalars(
+        select(Job.id).where(Job.state == JobState.QUEUED.value, Job.queue == queue).order_by(Job.id)
+    ))
+
+
+def get_export(session: Session, export_id: int) -> Export | None:
+    return session.get(Export, export_id)
+
+
+def revive_dead_export(session: Session, export_id: int, *, now: dt.datetime) -> bool:
+    """One dead export -> pending with its attempts reset; False when it is not dead."""
+    result = session.execute(
+        update(Export).where(Export.id == export_id, Export.state == ExportState.DEAD.value)
+        .values(state=ExportState.PENDING.value, attempts=0, next_attempt_at=now, updated_at=now)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def mark_study_assembled(session: Session, study_id: int, *, now: dt.datetime) -> None:
+    """A study handed to a batch job directly: the sweeper must not also make a live job of it."""
+    session.execute(
+        update(Study).where(Study.id == study_id).values(state=StudyState.ASSEMBLED.value, assembled_at=now)
+    )
+
+
+def get_study(session: Session, study_id: int) -> Study | None:
+    return session.get(Study, study_id)
+
+
+def job_with_study(session: Session, job_id: int) -> tuple[Job, str] | None:
+    row = session.execute(
+        select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id).where(Job.id == job_id)
+    ).first()
+    return (row[0], str(row[1])) if row else None

@@ -43,6 +43,7 @@ def reprocess(
     model_version: str,
     now: dt.datetime,
     progress: Callable[[int], None] | None = None,
+    source: str = "spool",
 ) -> list[Planned]:
     """Make and publish one batch job per study (after its commit); older jobs of the study are superseded."""
     publisher = JobPublisher(app, sessions)
@@ -56,8 +57,9 @@ def reprocess(
                 queue=BATCH_QUEUE, instance_count=len(uids), now=now,
             )
             if job_id is not None:
-                repo.add_job_event(session, job_id, "reprocess", now=now, detail={"from": "spool"})
+                repo.add_job_event(session, job_id, "reprocess", now=now, detail={"from": source})
                 repo.supersede_older_jobs(session, study_id=study.id, new_job_id=job_id, now=now)
+                repo.mark_study_assembled(session, study.id, now=now)
         if job_id is not None:
             publisher.publish(job_id, BATCH_QUEUE, reason="reprocess")
         made.append(Planned(study_uid, len(uids), job_id))
