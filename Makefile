@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build comes from local files on CPU machines; on a GPU host the same pin takes PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-APT_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm dcmtk dicom3tools
+APT_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm dcmtk dicom3tools chromium
 PYTEST_ARGS ?=
 
 .PHONY: venv system-deps services lint typecheck test test-fast demo clean
@@ -21,7 +21,7 @@ venv: $(BIN)/.installed
 # Real peers for the integration tests: Orthanc (PACS), DCMTK, dicom3tools. Installed only when missing.
 system-deps:
 	@missing=""; \
-	for tool in storescu dciodvfy Orthanc; do command -v $$tool >/dev/null 2>&1 || missing=1; done; \
+	for tool in storescu dciodvfy Orthanc chromium; do command -v $$tool >/dev/null 2>&1 || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

@@ -1,7 +1,7 @@
 """End-to-end latency of the embedded default on this machine: N phantom studies pushed at once.
 
-For each study: seconds from its last instance stored to its results delivered to a real Orthanc (or, with
---no-orthanc, to its results stored), minus the quiet period; and the model's inference milliseconds.
+For each study: seconds from its last instance stored to its results stored, and (with a real Orthanc, unless
+--no-orthanc) to its results delivered there, minus the quiet period; and the model's inference milliseconds.
 
     python bench/pipeline.py [--studies 20] [--quiet 2] [--no-orthanc]
 Prints a table; no pass/fail.
@@ -10,7 +10,8 @@ Prints a table; no pass/fail.
 from __future__ import annotations
 
 import argparse
-import statistics
+import math
+import shutil
 import sys
 import tempfile
 import threading
@@ -50,7 +51,8 @@ def main() -> None:
     studies = [render_study(study_generator(100, i), i) for i in range(args.studies)]
     settings = make_settings(
         work / "var", port=our_port, model_path=MODELS_DIR / PHANTOM_MODEL_NAME, study_quiet_seconds=args.quiet,
-        destinations=destinations, log_level="WARNING", max_associations=max(16, args.studies + 4),
+        destinations=destinations, log_level="WARNING", reconcile_grace_seconds=60.0,
+        max_associations=max(16, args.studies + 4),
     )
     print(f"{args.studies} phantom studies, {sum(len(d) for d, _ in studies)} instances, quiet {args.quiet:g} s, "
           f"results {'delivered to Orthanc' if use_orthanc else 'stored'}", flush=True)
@@ -62,7 +64,10 @@ def main() -> None:
         for thread in threads:
             thread.join()
         assert svc.sessions is not None
-        latencies, inference_ms = [], []
+        stored: list[float] = []
+        delivered: list[float] = []
+        inference_ms: list[float] = []
+        not_succeeded: dict[str, int] = {}
         deadline = time.monotonic() + 1800
         pending = {truth.study_uid for _, truth in studies}
         while pending and time.monotonic() < deadline:
@@ -73,26 +78,49 @@ def main() -> None:
                     if not jobs or jobs[-1].state not in ("succeeded", "failed", "no_eligible_series"):
                         continue
                     job = jobs[-1]
-                    exports = list(repo.exports_for_job(session, job.id))
-                    if destinations and not (exports and all(e.state == "delivered" for e in exports)):
+                    if job.state != "succeeded":
+                        not_succeeded[job.state] = not_succeeded.get(job.state, 0) + 1
+                        pending.discard(uid)
                         continue
-                    done = max((e.delivered_at for e in exports if e.delivered_at), default=job.finished_at)
+                    exports = list(repo.exports_for_job(session, job.id))
+                    if destinations and not (exports and all(e.state in ("delivered", "dead") for e in exports)):
+                        continue
                     last_instance = repo.last_instance_received_at(session, job.study_id)
-                    latencies.append((done - last_instance).total_seconds() - args.quiet)
                     event = [e for e in repo.job_events(session, job.id) if e.kind == "results_written"]
-                    if event and event[0].detail:
+                    assert last_instance is not None and event
+                    stored.append((event[0].at - last_instance).total_seconds() - args.quiet)
+                    if event[0].detail:
                         inference_ms.append(1000 * float(event[0].detail["inference_seconds"]))
+                    times = [e.delivered_at for e in exports]
+                    if destinations and all(times):
+                        delivered.append((max(t for t in times if t) - last_instance).total_seconds() - args.quiet)
+                    elif destinations:
+                        not_succeeded["export dead"] = not_succeeded.get("export dead", 0) + 1
                     pending.discard(uid)
         wall = time.perf_counter() - started
     if pacs is not None:
         pacs.stop()
-    latencies.sort()
-    p95 = latencies[max(0, round(0.95 * len(latencies)) - 1)] if latencies else float("nan")
-    print(f"{'studies done':<34}{len(latencies):>10}")
-    print(f"{'last instance -> results, p50 (s)':<34}{statistics.median(latencies):>10.2f}")
-    print(f"{'last instance -> results, p95 (s)':<34}{p95:>10.2f}")
-    print(f"{'inference ms per study, median':<34}{statistics.median(inference_ms):>10.1f}")
-    print(f"{'wall time (s)':<34}{wall:>10.1f}")
+    shutil.rmtree(work, ignore_errors=True)
+    rows: list[tuple[str, str]] = [("studies with results", f"{len(stored)}")]
+    rows += [(f"studies {state}", f"{count}") for state, count in sorted(not_succeeded.items())]
+    rows += [("studies unfinished after 1800 s", f"{len(pending)}")] if pending else []
+    rows += _percentiles("last instance -> results stored (s)", stored, "{:.2f}")
+    if destinations:
+        rows += _percentiles("last instance -> delivered (s)", delivered, "{:.2f}")
+    rows += _percentiles("inference ms per study", inference_ms, "{:.1f}")
+    rows.append(("wall time (s)", f"{wall:.1f}"))
+    for name, value in rows:
+        print(f"{name:<44}{value:>10}")
+
+
+def _percentiles(name: str, values: list[float], fmt: str) -> list[tuple[str, str]]:
+    """p50 and p95 (nearest rank) of the values, 'n/a' when there are none."""
+    ordered = sorted(values)
+
+    def rank(q: float) -> str:
+        return fmt.format(ordered[max(0, math.ceil(q * len(ordered)) - 1)]) if ordered else "n/a"
+
+    return [(f"{name}, p50", rank(0.50)), (f"{name}, p95", rank(0.95))]
 
 
 if __name__ == "__main__":

@@ -6,13 +6,18 @@ model once per process, and analysing one study's files into plain values the re
 
 from __future__ import annotations
 
+import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import typer
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 
 def register_research_commands(app: typer.Typer) -> None:
@@ -31,7 +36,15 @@ class NoEligibleInput(Exception):
 
 
 class UnreadableInput(Exception):
-    """A spooled file could not be read as the DICOM the model needs."""
+    """A spooled file the model needs could not be read as DICOM."""
+
+
+class ModelUnavailable(Exception):
+    """The checkpoint is missing, corrupt or does not match its card (a configuration error, not the study's)."""
+
+
+class ModelOutOfMemory(Exception):
+    """The device ran out of memory during inference; another try may find it free."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +60,12 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class StructureResult:
-    """One structure as the worker stores it. Points are DICOM image coordinates: (0, 0) is the top-left corner
-    of the top-left pixel, so a pixel's centre is at index + 0.5 (ccfnet_core predicts pixel indices)."""
+    """One structure as the worker stores it.
+
+    Points are DICOM image coordinates, the convention of `worker.results` and of SCOORD: (0, 0) is the
+    top-left corner of the top-left pixel, so a pixel's centre is at index + 0.5. ccfnet_core predicts pixel
+    *indices* (centre at the integer); `_image_point` is the one place that converts.
+    """
 
     name: str
     kind: str
@@ -64,11 +81,13 @@ class StructureResult:
 class StudyAnalysis:
     series_uid: str
     centre_sop_instance_uid: str
+    source: Dataset  # the centre slice, with pixels: the image the findings are on
     selection_reason: str
     structures: tuple[StructureResult, ...]
     heatmaps: np.ndarray | None
     model: ModelIdentity
     seconds: float
+    skipped_files: tuple[str, ...] = ()  # unreadable files of the study that the choice did without
 
 
 _models: dict[tuple[str, str], object] = {}
@@ -82,17 +101,22 @@ def default_model_path() -> Path:
 
 
 def _predictor(path: Path, device: str) -> object:
-    """Load a checkpoint once per process and device (the worker's model cache)."""
+    """Load a checkpoint once per process and device (the worker's model cache); ModelUnavailable if unusable."""
+    from ccfnet_core.checkpoint import CheckpointError
     from ccfnet_core.inference import Predictor
 
     key = (str(path.resolve()), device)
     with _models_lock:
         if key not in _models:
-            _models[key] = Predictor.from_checkpoint(path, device)
+            try:
+                _models[key] = Predictor.from_checkpoint(path, device)
+            except CheckpointError as exc:
+                raise ModelUnavailable(str(exc)) from exc
         return _models[key]
 
 
-def model_identity(path: Path, device: str = "auto") -> ModelIdentity:
+def load_model(path: Path, device: str = "auto") -> ModelIdentity:
+    """Load (or find loaded) the model and say what it is."""
     from ccfnet_core.inference import Predictor
 
     predictor = _predictor(path, device)
@@ -109,40 +133,84 @@ def model_identity(path: Path, device: str = "auto") -> ModelIdentity:
     )
 
 
+_READ_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, struct.error)
+
+
+def _image_point(index_xy: np.ndarray, width: int, height: int) -> tuple[float, float]:
+    """ccfnet_core's pixel-index point -> DICOM image coordinates (index + 0.5), kept inside the image."""
+    column, row = (float(v) + 0.5 for v in index_xy)
+    return min(max(column, 0.0), float(width)), min(max(row, 0.0), float(height))
+
+
+def _read_headers(paths: Sequence[Path]) -> tuple[dict[str, list[Dataset]], list[str]]:
+    """Every readable file's header grouped by series, and a note for each file that could not be read."""
+    series: dict[str, list[Dataset]] = {}
+    skipped: list[str] = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except _READ_ERRORS as exc:
+            skipped.append(f"{path.name}: {type(exc).__name__}: {exc}"[:300])
+            continue
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    return series, skipped
+
+
 def analyse_files(
     paths: Sequence[Path], model_path: Path, device: str = "auto", with_heatmaps: bool = False
 ) -> StudyAnalysis:
-    """Choose the series and slice from the files' headers, run CCF-Net with flip TTA, return the findings."""
-    import time
+    """Choose the series and slice from the files' headers, run CCF-Net with flip TTA, return the findings.
 
-    from ccfnet_core.checkpoint import CheckpointError
-    from ccfnet_core.datasets import read_dicom_files
+    A file that cannot be read is left out of the choice (a broken localizer must not sink the study); the
+    job fails only when nothing is readable or a chosen slice is not. Raises NoEligibleInput, UnreadableInput,
+    ModelUnavailable or ModelOutOfMemory.
+    """
+    import torch
+
+    from ccfnet_core.datasets import mean_intensity_from_files
     from ccfnet_core.inference import Predictor
-    from ccfnet_core.series_selection import NoEligibleSeries
+    from ccfnet_core.series_selection import NoEligibleSeries, choose_slice, load_input_slices
     from ccfnet_core.structures import STRUCTURES, label_name, predicted_label, structure_type
 
+    if not paths:
+        raise NoEligibleInput("the study has no stored instances")
+    series, skipped = _read_headers(paths)
+    if not series:
+        raise UnreadableInput(f"none of the {len(paths)} stored files is readable DICOM ({skipped[0]})")
     try:
-        sample = read_dicom_files(list(paths))
+        choice = choose_slice(series, mean_intensity=mean_intensity_from_files)
     except NoEligibleSeries as exc:
-        raise NoEligibleInput(exc.reason) from exc
-    except (ValueError, FileNotFoundError) as exc:
-        raise UnreadableInput(str(exc)) from exc
+        reason = exc.reason
+        if skipped:
+            reason += f" ({len(skipped)} unreadable file(s) left out)"
+        raise NoEligibleInput(reason) from exc
+    except _READ_ERRORS as exc:
+        raise UnreadableInput(f"reading pixels to rank the series: {exc}") from exc
+    by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in series[choice.series_uid]}
+    full: dict[str, Dataset] = {}
     try:
-        predictor = _predictor(model_path, device)
-    except CheckpointError as exc:
-        raise UnreadableInput(f"model: {exc}") from exc
+        for uid in dict.fromkeys(choice.sop_instance_uids):
+            full[uid] = pydicom.dcmread(by_uid[uid].filename)
+        image, _ = load_input_slices([full[uid] for uid in choice.sop_instance_uids], choice.frame_numbers)
+    except _READ_ERRORS as exc:
+        raise UnreadableInput(f"a chosen slice of series {choice.series_uid}: {exc}") from exc
+
+    identity = load_model(model_path, device)
+    predictor = _predictor(model_path, device)
     assert isinstance(predictor, Predictor)
     started = time.perf_counter()
-    prediction = predictor.predict([sample.image])[0]
-    heatmaps = predictor.heatmaps(sample.image) if with_heatmaps else None
+    try:
+        prediction = predictor.predict([image])[0]
+        heatmaps = predictor.heatmaps(image) if with_heatmaps else None
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelOutOfMemory(str(exc)) from exc
     seconds = time.perf_counter() - started
+    height, width = image.shape[-2:]
     structures = []
     for k, name in enumerate(STRUCTURES):
         probability = float(prediction.probabilities[k])
         label = predicted_label(k, probability)
-        column, row = (float(v) + 0.5 for v in prediction.points[k])
-        column = min(max(column, 0.0), float(sample.width))
-        row = min(max(row, 0.0), float(sample.height))
+        column, row = _image_point(prediction.points[k], width, height)
         structures.append(
             StructureResult(
                 name=name,
@@ -156,13 +224,15 @@ def analyse_files(
             )
         )
     return StudyAnalysis(
-        series_uid=sample.meta["series_uid"],
-        centre_sop_instance_uid=sample.meta["sop_instance_uid"],
-        selection_reason=sample.meta["reason"],
+        series_uid=choice.series_uid,
+        centre_sop_instance_uid=choice.centre_sop_instance_uid,
+        source=full[choice.centre_sop_instance_uid],
+        selection_reason=choice.reason,
         structures=tuple(structures),
         heatmaps=heatmaps,
-        model=model_identity(model_path, device),
+        model=identity,
         seconds=seconds,
+        skipped_files=tuple(skipped),
     )
 
 

@@ -2,7 +2,7 @@
 
 It reads the job's instances from the spool, lets the model library choose the series and slice, runs the
 model (loaded once per process), writes the SR / presentation state / key image (and optional segmentation)
-durably under `<data_dir>/results/`, and records findings and result objects in one transaction. How a job
+durably under `<data_dir>/results/<job id>/`, and records findings and result objects in one transaction. How a job
 ends is an outcome, never a crash: no usable series, an unreadable file, a superseded job.
 """
 
@@ -10,20 +10,29 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from worker import core_bridge
-from worker.core_bridge import NoEligibleInput, StudyAnalysis, UnreadableInput
+from worker.core_bridge import (
+    ModelOutOfMemory,
+    ModelUnavailable,
+    NoEligibleInput,
+    StudyAnalysis,
+    UnreadableInput,
+)
 from worker.db import repository as repo
 from worker.db.models import Finding, JobState, ResultObject
-from worker.queue.processing import JobContext, JobOutcome, JobProcessor
+from worker.ops import metrics
+from worker.queue.processing import JobContext, JobOutcome, JobProcessor, RetryableJobError
 from worker.results import build_results
 from worker.results.findings import AlgorithmIdentity, AnalysisResult, StructureFinding
 from worker.settings import Settings
-from worker.spool import Spool
+from worker.spool import Spool, SpoolError, SpoolPaths, validate_uid
 
 log = logging.getLogger("worker.inference")
 
@@ -41,6 +50,7 @@ def model_path(settings: Settings) -> Path:
 
 
 def results_root(settings: Settings) -> Path:
+    """Result objects live at `<results_root>/<job id>/<SOPInstanceUID>.dcm`; rows store the relative path."""
     return settings.data_dir / "results"
 
 
@@ -51,6 +61,8 @@ def patient_coordinates(source: pydicom.Dataset, column: float, row: float) -> t
         orientation = [float(v) for v in source.ImageOrientationPatient]
         row_spacing, column_spacing = (float(v) for v in source.PixelSpacing)
     except (AttributeError, TypeError, ValueError):
+        return None
+    if len(origin) != 3 or len(orientation) != 6:
         return None
     row_dir, col_dir = orientation[:3], orientation[3:]
     i, j = column - 0.5, row - 0.5  # ImagePositionPatient is the centre of the first pixel
@@ -70,53 +82,114 @@ def _algorithm(analysis: StudyAnalysis, settings: Settings) -> AlgorithmIdentity
     )
 
 
-def _write_results(settings: Settings, datasets: list[pydicom.Dataset]) -> list[tuple[pydicom.Dataset, str, int]]:
-    """Write each object durably (temp, fsync, rename) under results/<study>/<series>/<sop>.dcm."""
-    store = Spool(results_root(settings))
-    store.prepare()
+class _TimeLimit(Exception):
+    """The job ran past CCFNET_TASK_SOFT_TIME_LIMIT_SECONDS (checked between stages; Celery's own limits do not
+    reach the embedded worker threads)."""
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._end = time.monotonic() + seconds
+
+    def check(self, stage: str) -> None:
+        if time.monotonic() > self._end:
+            raise _TimeLimit(f"time limit of {self.seconds:g} s reached {stage}")
+
+
+def _write_results(
+    settings: Settings, job_id: int, datasets: list[pydicom.Dataset]
+) -> list[tuple[pydicom.Dataset, str, int]]:
+    """Write each object durably (temp, fsync, rename) as results/<job id>/<SOPInstanceUID>.dcm.
+
+    Called only while the job has no recorded result objects, so anything already in its folder is left by an
+    interrupted attempt and is removed first.
+    """
+    store = Spool(results_root(settings), min_free_bytes=settings.min_free_disk_mb * 1024 * 1024)
+    store.incoming.mkdir(parents=True, exist_ok=True)  # not prepare(): it would delete other jobs' temp files
+    folder = store.root / str(job_id)
+    shutil.rmtree(folder, ignore_errors=True)
     written = []
     for ds in datasets:
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        paths = store.paths_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        name = validate_uid(ds.SOPInstanceUID, "SOPInstanceUID") + ".dcm"
+        paths = SpoolPaths(final=folder / name, relative=f"{job_id}/{name}")
         size = store.write(paths, buffer.getvalue())
         written.append((ds, paths.relative, size))
     return written
 
 
-def process_job(ctx: JobContext) -> JobOutcome:
-    """Run CCF-Net on one job's study and store what it found."""
+def _finding_rows(analysis: StudyAnalysis) -> list[Finding]:
+    rows = []
+    for s in analysis.structures:
+        patient = patient_coordinates(analysis.source, s.column, s.row)
+        rows.append(Finding(
+            structure=s.name, kind=s.kind, source_sop_instance_uid=analysis.centre_sop_instance_uid,
+            column_px=s.column, row_px=s.row,
+            patient_x_mm=patient[0] if patient else None,
+            patient_y_mm=patient[1] if patient else None,
+            patient_z_mm=patient[2] if patient else None,
+            label=s.label, diagnosis=s.diagnosis, probability=s.probability, confidence=s.confidence,
+        ))
+    return rows
+
+
+def _analyse(ctx: JobContext, paths: list[Path]) -> StudyAnalysis | JobOutcome:
+    """Run the model on the study's files, or say how the job ends without results."""
     settings = ctx.settings
-    with ctx.sessions.begin() as session:
-        newer = repo.superseding_job(session, ctx.job_id)
-        instances = repo.spooled_instances(session, ctx.study_id)
-    if newer is not None:
-        return JobOutcome(JobState.SUPERSEDED, detail={"superseded_by": newer})
-    if not instances:
-        return JobOutcome(JobState.NO_ELIGIBLE_SERIES, error="the study has no stored instances")
-    spool_root = settings.spool_path.resolve()
-    paths = [spool_root / item.path for item in instances]
+    with ctx.sessions() as session:  # ops hook: `ccfnet reprocess --model` forces a checkpoint for a job
+        forced = repo.forced_model_path(session, ctx.job_id)
     try:
-        analysis = core_bridge.analyse_files(
-            paths, model_path(settings), settings.model_device, with_heatmaps=settings.include_segmentation
+        return core_bridge.analyse_files(
+            paths, Path(forced) if forced else model_path(settings), settings.model_device,
+            with_heatmaps=settings.include_segmentation,
         )
     except NoEligibleInput as exc:
         log.info("job %d: no eligible series: %s", ctx.job_id, exc.reason)
         return JobOutcome(JobState.NO_ELIGIBLE_SERIES, error=exc.reason)
     except UnreadableInput as exc:
-        return JobOutcome(JobState.FAILED, error=f"unreadable input: {exc}")
+        return JobOutcome(JobState.FAILED, error=f"unreadable input: {exc}"[:2000])
+    except ModelUnavailable as exc:
+        return JobOutcome(JobState.FAILED, error=f"model unavailable: {exc}"[:2000])
+    except ModelOutOfMemory as exc:
+        raise RetryableJobError(f"device out of memory: {exc}") from exc
 
-    source_path = next(
-        (p for p, item in zip(paths, instances, strict=True)
-         if item.sop_instance_uid == analysis.centre_sop_instance_uid),
-        None,
-    )
-    if source_path is None:
-        return JobOutcome(JobState.FAILED, error="the chosen slice is not among the job's instances")
+
+def process_job(ctx: JobContext) -> JobOutcome:
+    """Run CCF-Net on one job's study and store what it found."""
     try:
-        source = pydicom.dcmread(source_path)
-    except (InvalidDicomError, OSError) as exc:
-        return JobOutcome(JobState.FAILED, error=f"unreadable input: {exc}")
+        return _process(ctx, _Deadline(ctx.settings.task_soft_time_limit_seconds))
+    except _TimeLimit as exc:
+        log.error("job %d: %s", ctx.job_id, exc)
+        return JobOutcome(JobState.FAILED, error=str(exc))
+
+
+def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
+    settings = ctx.settings
+    with ctx.sessions.begin() as session:
+        newer = repo.superseding_job(session, ctx.job_id)
+        instances = repo.spooled_instances(session, ctx.study_id)
+        stored_before = len(repo.result_objects_for_job(session, ctx.job_id))
+    if newer is not None:
+        return JobOutcome(JobState.SUPERSEDED, detail={"superseded_by": newer})
+    if stored_before:
+        # An earlier attempt committed the results and stopped before the hand-over: finish that, nothing else.
+        _hand_over_to_export(ctx)
+        return JobOutcome(JobState.SUCCEEDED, detail={"objects": stored_before, "from_earlier_attempt": True})
+    if not instances:
+        return JobOutcome(JobState.NO_ELIGIBLE_SERIES, error="the study has no stored instances")
+    spool_root = settings.spool_path.resolve()
+    analysis = _analyse(ctx, [spool_root / item.path for item in instances])
+    if isinstance(analysis, JobOutcome):
+        return analysis
+    deadline.check("during inference")
+    with ctx.sessions.begin() as session:
+        newer = repo.superseding_job(session, ctx.job_id)
+    if newer is not None:
+        log.info("job %d: superseded by job %d during inference; results not written", ctx.job_id, newer)
+        return JobOutcome(JobState.SUPERSEDED, detail={"superseded_by": newer, "results": "not written"})
+
     findings = [
         StructureFinding(
             name=s.name, kind=s.kind, point_px=(s.column, s.row), label=s.label,  # type: ignore[arg-type]
@@ -124,56 +197,67 @@ def process_job(ctx: JobContext) -> JobOutcome:
         )
         for s in analysis.structures
     ]
-    result = AnalysisResult(
-        source_dataset=source, findings=tuple(findings), algorithm=_algorithm(analysis, settings),
-        heatmaps=analysis.heatmaps,
-    )
-    datasets = build_results(
-        result, sr_tracking=settings.sr_tracking, include_segmentation=settings.include_segmentation
-    )
-    written = _write_results(settings, datasets)
+    try:
+        result = AnalysisResult(
+            source_dataset=analysis.source, findings=tuple(findings), algorithm=_algorithm(analysis, settings),
+            heatmaps=analysis.heatmaps,
+        )
+        datasets = build_results(
+            result, sr_tracking=settings.sr_tracking, include_segmentation=settings.include_segmentation
+        )
+    except (ValueError, TypeError) as exc:
+        return JobOutcome(JobState.FAILED, error=f"cannot build result objects: {exc}"[:2000])
+    deadline.check("while building result objects")
+    try:
+        written = _write_results(settings, ctx.job_id, datasets)
+    except (SpoolError, OSError) as exc:
+        raise RetryableJobError(f"writing result objects: {exc}") from exc
+
     now = ctx.clock()
+    detail: dict[str, Any] = {
+        "series_uid": analysis.series_uid, "source_sop_instance_uid": analysis.centre_sop_instance_uid,
+        "selection": analysis.selection_reason, "objects": len(written),
+        "inference_seconds": round(analysis.seconds, 3), "model": analysis.model.path,
+    }
+    if analysis.skipped_files:
+        detail["unreadable_files"] = list(analysis.skipped_files[:20])
     with ctx.sessions.begin() as session:
-        rows = []
-        for s in analysis.structures:
-            patient = patient_coordinates(source, s.column, s.row)
-            rows.append(Finding(
-                structure=s.name, kind=s.kind, source_sop_instance_uid=analysis.centre_sop_instance_uid,
-                column_px=s.column, row_px=s.row,
-                patient_x_mm=patient[0] if patient else None,
-                patient_y_mm=patient[1] if patient else None,
-                patient_z_mm=patient[2] if patient else None,
-                label=s.label, diagnosis=s.diagnosis, probability=s.probability, confidence=s.confidence,
-            ))
-        repo.replace_findings(session, ctx.job_id, rows)
+        newer = repo.superseding_job_locked(session, ctx.job_id)
+        repo.replace_findings(session, ctx.job_id, _finding_rows(analysis))
         for ds, relative, size in written:
             repo.add_result_object(session, ResultObject(
                 job_id=ctx.job_id, kind=RESULT_KINDS.get(str(ds.SOPClassUID), "other"),
                 sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
                 series_instance_uid=str(ds.SeriesInstanceUID), path=relative, size_bytes=size, created_at=now,
             ))
-        repo.add_job_event(session, ctx.job_id, "results_written", now=now, detail={
-            "series_uid": analysis.series_uid, "source_sop_instance_uid": analysis.centre_sop_instance_uid,
-            "selection": analysis.selection_reason, "objects": len(written),
-            "inference_seconds": round(analysis.seconds, 3), "model": analysis.model.path,
-        })
+        repo.add_job_event(session, ctx.job_id, "results_written", now=now, detail=detail)
+    metrics.observe_inference(analysis.seconds)  # metrics hook
+    if newer is not None:
+        log.info("job %d: superseded by job %d while running; results kept, not exported", ctx.job_id, newer)
+        return JobOutcome(JobState.SUPERSEDED, detail={"superseded_by": newer, "results": "stored, not exported"})
     _hand_over_to_export(ctx)
     return JobOutcome(JobState.SUCCEEDED, detail={"objects": len(written),
                                                   "inference_seconds": round(analysis.seconds, 3)})
 
 
 def _hand_over_to_export(ctx: JobContext) -> None:
-    """Create the job's exports; publish them through the running task's Celery app when there is one (the
-    export reconciler publishes them otherwise)."""
+    """Create the job's exports (worker.export.queue) and publish them through the running task's Celery app
+    when there is one. A broker that is down is not the job's failure: the export reconciler publishes
+    pending exports later."""
     if not ctx.settings.destinations:
         return
     from celery import current_task
+    from kombu.exceptions import OperationalError as BrokerError
 
     from worker.export.queue import enqueue_exports
 
     app = current_task.app if current_task else None
-    enqueue_exports(ctx.settings, ctx.sessions, ctx.job_id, app, ctx.clock)
+    try:
+        enqueue_exports(ctx.settings, ctx.sessions, ctx.job_id, app, ctx.clock)
+    except BrokerError as exc:
+        log.warning("job %d: exports recorded, publishing deferred to the reconciler: %s", ctx.job_id, exc)
 
 
 def inference_processor(settings: Settings) -> JobProcessor:
+    """The processor `ccfnet worker` and the embedded worker threads run (worker.queue.processing)."""
     return process_job

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from celery import Celery
@@ -64,6 +65,33 @@ class EmbeddedWorker:
         self._thread.join(timeout)
 
 
+class HttpServer:
+    """uvicorn in a thread of this process (the ops page, /metrics and STOW-RS)."""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+        self.port = port
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        sockets = [s for server in self._server.servers for s in server.sockets]
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+
 class Service:
     def __init__(
         self,
@@ -74,12 +102,16 @@ class Service:
         listen: bool = True,
         sweep: bool = True,
         reconcile: bool = True,
+        http: bool | None = None,
         clock: Clock = utcnow,
     ) -> None:
+        """`http`: serve the ops page and /metrics; None means "when settings.http_port is set"."""
         self.settings = settings.for_embedded() if embedded else settings
         self.embedded = embedded
         self._processor = processor
         self._listen, self._sweep, self._reconcile = listen, sweep, reconcile
+        self._http = settings.http_port is not None if http is None else http
+        self._http_server: HttpServer | None = None
         self._clock = clock
         self.engine: Engine | None = None
         self.sessions: sessionmaker[Session] | None = None
@@ -95,6 +127,12 @@ class Service:
         if self._listener is None:
             raise RuntimeError("service not listening")
         return self._listener.port
+
+    @property
+    def http_port(self) -> int:
+        if self._http_server is None:
+            raise RuntimeError("service not serving HTTP")
+        return self._http_server.port
 
     def start(self) -> Service:
         s = self.settings
@@ -136,6 +174,13 @@ class Service:
             self._threads.append(PeriodicThread("reconciler", s.reconcile_interval_seconds, self.reconcile))
         for thread in self._threads:
             thread.start()
+        if self._http:
+            from worker.ops.web import create_app
+
+            app = create_app(s, self.sessions, self.celery, intake=self.intake, clock=self._clock)
+            self._http_server = HttpServer(app, s.http_bind, s.http_port or 0)
+            self._http_server.start()
+            log.info("operations page and /metrics on %s:%d", s.http_bind, self._http_server.port)
         return self
 
     def sweep(self) -> int:
@@ -168,6 +213,9 @@ class Service:
         return len(report.republished) + exports
 
     def stop(self) -> None:
+        if self._http_server is not None:
+            self._http_server.stop()
+            self._http_server = None
         if self._listener is not None:
             self._listener.stop()
             self._listener = None

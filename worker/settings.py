@@ -56,12 +56,21 @@ class DicomDestination(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None
-    tls: bool = False
+    tls: bool = False  # DICOM TLS (PS3.15 B.1): the peer's certificate is verified against tls_ca
+    tls_ca: Path | None = None  # unset: the system's trusted CAs
+    tls_cert: Path | None = None  # our client certificate, for a peer that asks for one
+    tls_key: Path | None = None
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
     def _ae(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae_title(value, "ae_title")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> DicomDestination:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
 
 
 class DicomWebDestination(BaseModel):
@@ -71,8 +80,9 @@ class DicomWebDestination(BaseModel):
     name: str
     url: str
     username: str | None = None
-    password: SecretStr | None = None
-    token: SecretStr | None = None
+    password: SecretStr | None = None  # HTTP basic, with username
+    token: SecretStr | None = None  # HTTP bearer
+    tls_ca: Path | None = None  # for https: unset means the system's trusted CAs
 
     @field_validator("url")
     @classmethod
@@ -80,6 +90,14 @@ class DicomWebDestination(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {value!r}")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> DicomWebDestination:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password must be set together")
+        if self.token is not None and self.username is not None:
+            raise ValueError("give either a bearer token or a username and password, not both")
+        return self
 
 
 Destination = Annotated[DicomDestination | DicomWebDestination, Field(discriminator="kind")]
@@ -139,7 +157,8 @@ class Settings(BaseSettings):
     include_segmentation: bool = False
     destinations: list[Destination] = Field(default_factory=list)
     export_max_attempts: int = Field(default=8, ge=1)
-    export_backoff_seconds: float = Field(default=30.0, gt=0)
+    export_backoff_seconds: float = Field(default=30.0, gt=0)  # first retry; doubles per attempt, jittered
+    export_backoff_max_seconds: float = Field(default=3600.0, gt=0)
 
     # Operations HTTP: the ops page and /metrics. Unset port: no HTTP server (``ccfnet serve`` uses 8080).
     http_port: int | None = Field(default=None, ge=0, le=65535)
@@ -193,6 +212,9 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key must be set together")
         if self.task_soft_time_limit_seconds > self.task_time_limit_seconds:
             raise ValueError("task_soft_time_limit_seconds must not exceed task_time_limit_seconds")
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            raise ValueError("destinations must have distinct names (each export row names its destination)")
         return self
 
     # Derived values -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def _instance(session: Any, study_uid: str, when: dt.datetime) -> None:
 
 
 @pytest.fixture
-def scripted(tmp_path: Path, pg_url: str, redis_space: RedisSpace) -> dict[str, Any]:
+def scripted(tmp_path: Path, pg_url: str, redis_space: RedisSpace) -> Iterator[dict[str, Any]]:
     """Two waiting studies; jobs queued (in the broker), running, succeeded, failed; one dead export."""
     migrate_to_head(pg_url)
     settings = make_settings(tmp_path / "var", database_url=pg_url, broker_url=redis_space.url,
@@ -94,16 +95,26 @@ def test_status_json_matches_the_database_and_the_broker(scripted: dict[str, Any
         by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         waiting = session.execute(select(func.count()).select_from(Study).where(Study.state == "receiving")).scalar()
         dead = session.scalars(select(Export.id).where(Export.state == "dead")).all()
+        first_waiting = session.execute(
+            select(func.min(Study.first_received_at)).where(Study.state == "receiving")).scalar_one()
+        first_queued = session.execute(select(func.min(Job.created_at)).where(Job.state == "queued")).scalar_one()
+        hour_ago = dt.datetime.fromisoformat(status["at"]) - dt.timedelta(hours=1)
+        done_in_hour = dict(session.execute(
+            select(Job.state, func.count()).where(Job.finished_at >= hour_ago).group_by(Job.state)).all())
+        failures = session.execute(select(Job.id, Job.error).where(Job.state == "failed")).all()
     assert status["jobs_by_state"] == by_state == {"queued": 1, "running": 1, "succeeded": 1, "failed": 1}
     assert status["studies_waiting"] == waiting == 2
+    at = dt.datetime.fromisoformat(status["at"])  # "at" is rounded down to the second: ages within 1 s
+    assert status["oldest_waiting_study_seconds"] == pytest.approx((at - first_waiting).total_seconds(), abs=1.1)
+    assert status["oldest_queued_job_seconds"] == pytest.approx((at - first_queued).total_seconds(), abs=1.1)
     assert 85 <= status["oldest_waiting_study_seconds"] <= 300
     assert 20 * 60 <= status["oldest_queued_job_seconds"] <= 25 * 60
     client = redis.Redis.from_url(scripted["redis"].url)
     assert status["queues"]["inference"] == client.llen(scripted["redis"].prefix + "inference") == 1
     assert status["queues"]["batch"] == 0
-    assert status["throughput_last_hour"] == {"succeeded": 1, "failed": 1}
-    assert [fl["job"] for fl in status["recent_failures"]] == [scripted["jobs"][3]]
-    assert status["recent_failures"][0]["reason"] == "model exploded"
+    assert status["throughput_last_hour"] == done_in_hour == {"succeeded": 1, "failed": 1}
+    assert [(fl["job"], fl["reason"]) for fl in status["recent_failures"]] == [tuple(r) for r in failures]
+    assert failures == [(scripted["jobs"][3], "model exploded")]
     assert [d["export"] for d in status["dead_exports"]] == list(dead) and len(dead) == 1
     assert status["exports_by_state"] == {"dead": 1}
 
@@ -115,6 +126,11 @@ def test_jobs_list_has_every_job_with_its_study_and_show_has_its_record(scripted
     assert set(row["study"] for row in listed) == set(scripted["uids"][:4])
     failed = json.loads(runner.invoke(app, ["jobs", "list", "--state", "failed", "--json"], env=scripted["env"]).output)
     assert [row["id"] for row in failed] == [scripted["jobs"][3]]
+    later = (NOW + dt.timedelta(minutes=1)).isoformat()
+    none_yet = runner.invoke(app, ["jobs", "list", "--since", later, "--json"], env=scripted["env"])
+    assert json.loads(none_yet.output) == []
+    newest = json.loads(runner.invoke(app, ["jobs", "list", "--limit", "2", "--json"], env=scripted["env"]).output)
+    assert [row["id"] for row in newest] == sorted(scripted["jobs"], reverse=True)[:2]
     shown = json.loads(runner.invoke(app, ["jobs", "show", str(scripted["jobs"][2]), "--json"],
                                      env=scripted["env"]).output)
     assert [e["kind"] for e in shown["events"]] == ["created", "picked_up", "finished"]

@@ -38,8 +38,24 @@ def _send(port: int, datasets: list[object]) -> list[int]:
         assoc.release()
 
 
+MARKER = ".ccfnet-demo"
+DEMO_LAYOUT = {"spool", "results", "broker", "ccfnet.sqlite3", "ccfnet.sqlite3-wal", "ccfnet.sqlite3-shm", MARKER}
+
+
+def _fresh_folder(data_dir: Path) -> None:
+    """Empty the demo's working folder, but only one the demo made (never a folder someone pointed it at)."""
+    if data_dir.exists() and any(data_dir.iterdir()):
+        names = {entry.name for entry in data_dir.iterdir()}
+        if not (data_dir / MARKER).is_file() and not names <= DEMO_LAYOUT:
+            _say(f"error: {data_dir} is not empty and was not made by `ccfnet demo`; choose another --data-dir")
+            raise typer.Exit(2)
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / MARKER).write_text("made by `ccfnet demo`; emptied by its next run\n")
+
+
 def demo(
-    data_dir: Path = typer.Option(Path("var/demo"), help="working folder (emptied first)"),
+    data_dir: Path = typer.Option(Path("var/demo"), help="working folder (emptied first if an earlier demo made it)"),
     seed: int = typer.Option(7, help="phantom seed"),
     timeout: float = typer.Option(300.0, help="seconds to wait for the results"),
     model: Path | None = typer.Option(None, help="checkpoint (default: the shipped phantom model)"),
@@ -48,21 +64,31 @@ def demo(
     from worker import core_bridge
     from worker.db import repository as repo
     from worker.service import EmbeddedService
-    from worker.settings import get_settings
+    from worker.settings import SettingsError, get_settings
 
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    settings = get_settings(
-        data_dir=data_dir, port=0, bind_address="127.0.0.1", ae_title=DEMO_AE, study_quiet_seconds=2.0,
-        sweep_interval_seconds=0.5, reconcile_interval_seconds=5.0, min_free_disk_mb=1,
-        model_path=model or core_bridge.phantom_model_path(), log_level="WARNING",
-    )
+    _fresh_folder(data_dir)
+    try:
+        # Self-contained whatever the environment says: no outside database, broker, spool, PACS or TLS.
+        settings = get_settings(
+            data_dir=data_dir, spool_dir=None, database_url=None, broker_url=None, destinations=[],
+            port=0, bind_address="127.0.0.1", ae_title=DEMO_AE, allowed_calling_aets=[], allowed_peer_addresses=[],
+            tls_cert=None, tls_key=None, tls_ca=None, study_quiet_seconds=2.0,
+            sweep_interval_seconds=0.5, reconcile_interval_seconds=5.0, min_free_disk_mb=1,
+            model_path=model or core_bridge.phantom_model_path(), log_level="WARNING",
+        )
+    except SettingsError as exc:
+        _say(f"error: {exc}")
+        raise typer.Exit(2) from exc
     _say(f"model: {settings.model_path}")
     study = core_bridge.phantom_study(seed)
     study_uid = str(study[0].StudyInstanceUID)  # type: ignore[attr-defined]
     with EmbeddedService(settings) as svc:
         _say(f"listening as {DEMO_AE} on 127.0.0.1:{svc.port}; sending {len(study)} phantom instances")
-        statuses = _send(svc.port, study)
+        try:
+            statuses = _send(svc.port, study)
+        except (RuntimeError, OSError) as exc:
+            _say(f"error: sending the phantom study failed: {exc}")
+            raise typer.Exit(1) from exc
         if any(status != 0 for status in statuses):
             _say(f"error: some instances were not stored: {sorted(set(statuses))}")
             raise typer.Exit(1)

@@ -77,6 +77,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
 def jobs_list(
     state: str | None = typer.Option(None, help="only jobs in this state"),
     since: str | None = typer.Option(None, help="only jobs created since (ISO date/time, UTC)"),
+    limit: int | None = typer.Option(None, min=1, help="at most this many (newest first); default all"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Every job in every state, newest first, each with its StudyInstanceUID."""
@@ -88,7 +89,7 @@ def jobs_list(
             {"id": job.id, "study": uid, "state": job.state, "queue": job.queue, "instances": job.instance_count,
              "created": _iso(job.created_at), "finished": _iso(job.finished_at), "error": job.error,
              "superseded_by": job.superseded_by}
-            for job, uid in repo.list_jobs(session, state=state, since=since_time)
+            for job, uid in repo.list_jobs(session, state=state, since=since_time, limit=limit)
         ]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -149,6 +150,9 @@ def reprocess(
     state: str | None = typer.Option(None, help="studies whose latest job is in this state, e.g. failed"),
     accession: list[str] = typer.Option([], "--accession", help="AccessionNumber (repeatable; with --from pacs)"),
     source: str = typer.Option("spool", "--from", help="spool, or pacs (CCFNET_REPROCESS_SOURCE)"),
+    model: Path | None = typer.Option(
+        None, "--model", help="force this checkpoint for these jobs (a path the workers can read)"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and change nothing"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -156,7 +160,7 @@ def reprocess(
     from tqdm import tqdm
 
     from worker.db import repository as repo
-    from worker.ops.reprocess import plan
+    from worker.ops.reprocess import ForcedModel, plan
     from worker.ops.reprocess import reprocess as run_reprocess
     from worker.queue.celery_app import make_celery
     from worker.timeutil import utcnow
@@ -172,6 +176,12 @@ def reprocess(
         uids += [line.strip() for line in uid_file.read_text().splitlines() if line.strip()]
     if not (uids or accession or since or until or state):
         _fail("choose studies with --study, --accession, --file, --since/--until or --state")
+    forced: ForcedModel | None = None
+    if model is not None:
+        try:
+            forced = ForcedModel.from_file(model)
+        except (ValueError, OSError) as exc:
+            _fail(str(exc))
     with _database() as (settings, sessions):
         if source == "pacs":
             uids = _pull_from_pacs(settings, sessions, uids, accession, dry_run)
@@ -191,7 +201,7 @@ def reprocess(
             app = make_celery(settings)
             with tqdm(total=len(studies), desc="reprocess", file=sys.stderr) as bar:
                 planned = run_reprocess(sessions, app, studies, model_version=settings.model_version,
-                                        now=utcnow(), progress=bar.update, source=source)
+                                        now=utcnow(), progress=bar.update, source=source, model=forced)
             app.close()
     rows = [{"study": p.study_instance_uid, "instances": p.instances, "job": p.job_id} for p in planned]
     if as_json:

@@ -10,18 +10,25 @@ import typer
 
 from worker.commands.common import EXIT_SCHEMA, configure_logging, load_settings
 
+DEFAULT_HTTP_PORT = 8080
+
 
 def serve(
     embedded: bool = typer.Option(
         False, "--embedded", help="SQLite, on-disk broker and Celery worker threads in this one process."
     ),
     port: int | None = typer.Option(None, help="Override CCFNET_PORT."),
+    http_port: int | None = typer.Option(
+        None, help=f"Override CCFNET_HTTP_PORT (ops page and /metrics; default {DEFAULT_HTTP_PORT}, 0: any free)."
+    ),
 ) -> None:
     """Receive DICOM studies, assemble them into jobs and queue them."""
     from worker.db.migrate import SchemaOutdatedError
     from worker.service import Service
 
-    settings = load_settings(port=port)
+    settings = load_settings(port=port, http_port=http_port)
+    if settings.http_port is None:
+        settings = settings.model_copy(update={"http_port": DEFAULT_HTTP_PORT})
     configure_logging(settings.log_level)
     service = Service(settings, embedded=embedded)
     stop = threading.Event()

@@ -37,6 +37,12 @@ def worker(
         raise typer.Exit(EXIT_SCHEMA) from exc
     finally:
         engine.dispose()
+    if settings.worker_metrics_port is not None:
+        from worker.ops.metrics import MULTIPROC_ENV, serve_worker_metrics
+
+        if pool == "prefork" and not os.environ.get(MULTIPROC_ENV):
+            typer.echo(f"warning: set {MULTIPROC_ENV} so /metrics sums the prefork children", err=True)
+        serve_worker_metrics(settings.worker_metrics_port)
     app = make_celery(settings)
     app.set_default()  # the threads and solo pools look tasks up in the default app
     app.worker_main(

@@ -250,3 +250,13 @@ class ExportAttempt(Base):
     outcome: Mapped[str] = mapped_column(String(12))
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class QueueControl(Base):
+    """An operator's pause of one queue; every worker checks it before claiming a job of that queue."""
+
+    __tablename__ = "queue_controls"
+
+    queue: Mapped[str] = mapped_column(String(16), primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

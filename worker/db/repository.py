@@ -8,7 +8,7 @@ UPDATEs or INSERT ... ON CONFLICT, which behave the same on PostgreSQL and SQLit
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -514,24 +514,50 @@ def create_exports(session: Session, job_id: int, destinations: Sequence[str], *
     return created
 
 
-def mark_export_published(session: Session, export_id: int, *, now: dt.datetime) -> None:
-    session.execute(update(Export).where(Export.id == export_id).values(published_at=now))
+def mark_export_published(session: Session, export_id: int, *, due: dt.datetime) -> None:
+    """Remember when the export's latest message is due to run (now, or now + its countdown): the export
+    reconciler republishes only exports whose message is overdue by its grace period."""
+    session.execute(update(Export).where(Export.id == export_id).values(published_at=due))
 
 
-def claim_export(session: Session, export_id: int, *, now: dt.datetime) -> tuple[Export, ResultObject] | None:
-    """pending and due -> sending, atomically; a delivered or dead export is never claimed."""
+def _claim_one(session: Session, export_id: int, now: dt.datetime, *extra: Any) -> bool:
+    """pending and due -> sending, as one conditional update: of two exporters only one wins the row, and a
+    delivered or dead export is never claimed."""
     result = session.execute(
         update(Export)
-        .where(Export.id == export_id, Export.state == ExportState.PENDING.value, Export.next_attempt_at <= now)
+        .where(Export.id == export_id, Export.state == ExportState.PENDING.value, Export.next_attempt_at <= now,
+               *extra)
         .values(state=ExportState.SENDING.value, attempts=Export.attempts + 1, updated_at=now)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    export = session.get(Export, export_id)
-    assert export is not None
-    obj = session.get(ResultObject, export.result_object_id)
-    assert obj is not None
-    return export, obj
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def claim_exports(session: Session, export_id: int, *, now: dt.datetime) -> list[tuple[Export, ResultObject]]:
+    """Claim `export_id` and, with it, the other due pending exports of the same job to the same destination,
+    so that they travel together (one association, one STOW-RS request). Empty when `export_id` itself is not
+    claimable (delivered, dead, sending elsewhere, or not yet due)."""
+    if not _claim_one(session, export_id, now):
+        return []
+    first = session.get(Export, export_id)
+    assert first is not None
+    # The only wait is on the first row, before this transaction holds any other: siblings that another
+    # exporter has locked are skipped, not waited for, so two exporters never wait on each other in a cycle.
+    siblings = session.scalars(
+        select(Export.id).where(
+            Export.job_id == first.job_id, Export.destination == first.destination, Export.id != export_id,
+            Export.state == ExportState.PENDING.value, Export.next_attempt_at <= now,
+        ).order_by(Export.id).with_for_update(skip_locked=True)
+    ).all()
+    claimed = [export_id] + [sid for sid in siblings if _claim_one(session, sid, now)]
+    rows = []
+    for cid in claimed:
+        export = session.get(Export, cid)
+        assert export is not None
+        session.refresh(export)
+        obj = session.get(ResultObject, export.result_object_id)
+        assert obj is not None
+        rows.append((export, obj))
+    return rows
 
 
 def record_export_attempt(
@@ -558,23 +584,22 @@ def finish_export(
     now: dt.datetime,
     error: str | None,
     max_attempts: int,
-    backoff_seconds: float,
+    backoff: Callable[[int], float],
 ) -> tuple[str, float | None]:
-    """sending -> delivered, or back to pending with exponential backoff, or dead after max_attempts.
+    """sending -> delivered, or back to pending after `backoff(attempts)` seconds, or dead after max_attempts.
 
     Returns the new state and, for pending, the delay until the next attempt."""
     export = session.get(Export, export_id)
     assert export is not None
+    export.updated_at = now
     if delivered:
         export.state, export.delivered_at, export.last_error = ExportState.DELIVERED.value, now, None
-        export.updated_at = now
         return export.state, None
     export.last_error = error
-    export.updated_at = now
     if export.attempts >= max_attempts:
         export.state = ExportState.DEAD.value
         return export.state, None
-    delay = backoff_seconds * 2 ** (export.attempts - 1)
+    delay = backoff(export.attempts)
     export.state = ExportState.PENDING.value
     export.next_attempt_at = now + dt.timedelta(seconds=delay)
     return export.state, delay
@@ -613,7 +638,7 @@ def export_attempts(session: Session, export_id: int) -> Sequence[ExportAttempt]
 
 def revive_dead_exports(session: Session, *, job_id: int | None, now: dt.datetime) -> list[int]:
     """dead -> pending (attempts reset) for one job or all; delivered exports are never touched."""
-    query = select(Export.id).where(Export.state == ExportState.DEAD.value)
+    query = select(Export.id).where(Export.state == ExportState.DEAD.value).order_by(Export.id).with_for_update()
     if job_id is not None:
         query = query.where(Export.job_id == job_id)
     ids = list(session.scalars(query))
@@ -623,6 +648,10 @@ def revive_dead_exports(session: Session, *, job_id: int | None, now: dt.datetim
             .values(state=ExportState.PENDING.value, attempts=0, next_attempt_at=now, updated_at=now)
         )
     return ids
+
+
+def exports_by_id(session: Session, export_ids: Sequence[int]) -> list[Export]:
+    return list(session.scalars(select(Export).where(Export.id.in_(list(export_ids))).order_by(Export.id)))
 
 
 def last_instance_received_at(session: Session, study_id: int) -> dt.datetime | None:
@@ -674,9 +703,9 @@ def dead_exports(session: Session, limit: int = 50) -> list[Export]:
 
 
 def list_jobs(
-    session: Session, *, state: str | None = None, since: dt.datetime | None = None, limit: int = 1000
+    session: Session, *, state: str | None = None, since: dt.datetime | None = None, limit: int | None = None
 ) -> list[tuple[Job, str]]:
-    """Jobs (newest first) with their StudyInstanceUID."""
+    """Jobs (newest first) with their StudyInstanceUID; all of them unless `limit` is given."""
     query = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
     if state:
         query = query.where(Job.state == state)
@@ -766,3 +795,15 @@ def job_with_study(session: Session, job_id: int) -> tuple[Job, str] | None:
         select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id).where(Job.id == job_id)
     ).first()
     return (row[0], str(row[1])) if row else None
+
+
+def forced_model_path(session: Session, job_id: int) -> str | None:
+    """The checkpoint `ccfnet reprocess --model` chose for this job, if any (from its `reprocess` event)."""
+    details = session.scalars(
+        select(JobEvent.detail).where(JobEvent.job_id == job_id, JobEvent.kind == "reprocess")
+        .order_by(JobEvent.id.desc())
+    )
+    for detail in details:
+        if isinstance(detail, dict) and isinstance(detail.get("model"), str):
+            return str(detail["model"])
+    return None

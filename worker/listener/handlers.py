@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from worker.db import repository as repo
 from worker.db.models import AssociationState
 from worker.listener.status import EchoStatus, RejectReason, StoreStatus
+from worker.ops import metrics
 from worker.settings import IpNetwork
 from worker.spool import InvalidUIDError, LowDiskError, Spool, validate_uid
 from worker.timeutil import Clock, utcnow
@@ -123,6 +124,7 @@ def handle_requested(event: Event, ctx: IntakeContext) -> None:
         rec.peer_address,
     )
     event.assoc.acse.send_reject(*reason.value)
+    metrics.association("rejected", reason.name.lower())  # metrics hook
     try:
         with ctx.sessions.begin() as session:
             repo.record_association(
@@ -139,6 +141,7 @@ def handle_requested(event: Event, ctx: IntakeContext) -> None:
 def handle_established(event: Event, ctx: IntakeContext) -> None:
     rec = _association_record(event, ctx)
     tally = ctx.tally(event.assoc)
+    metrics.association("accepted")  # metrics hook
     try:
         with ctx.sessions.begin() as session:
             tally.association_id = repo.record_association(
@@ -334,4 +337,5 @@ def persist_instance(
             ctx.spool.remove(paths)
         return StoreStatus.OUT_OF_RESOURCES
     log.debug("stored instance %s of study %s", sop_uid, study_uid)
+    metrics.instance_received()  # metrics hook
     return StoreStatus.SUCCESS

@@ -2,13 +2,19 @@
 
 A reprocess is a deliberate re-run, so its idempotency key carries the request time as well as the input and
 model version: asking twice makes two jobs, the later superseding the earlier, as late arrivals do.
+
+``--model`` forces a checkpoint for these jobs only: the job's model version names the file and its digest,
+and the job's ``reprocess`` event carries the path, which the inference worker loads instead of its default
+(``repo.forced_model_path``). The path must be readable by the workers (a shared volume, like the spool).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,6 +25,26 @@ from worker.db.models import Study
 from worker.queue.publish import JobPublisher
 
 BATCH_QUEUE = "batch"
+
+
+@dataclass(frozen=True)
+class ForcedModel:
+    """A checkpoint chosen for one reprocess run instead of the workers' configured model."""
+
+    path: Path
+    version: str
+
+    @classmethod
+    def from_file(cls, path: Path) -> ForcedModel:
+        """Names the checkpoint by file name and content digest (64 characters at most, like the column)."""
+        resolved = path.expanduser().resolve()
+        if not resolved.is_file():
+            raise ValueError(f"model: no such checkpoint file: {path}")
+        digest = hashlib.sha256()
+        with resolved.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return cls(resolved, f"{resolved.stem[:48]}@{digest.hexdigest()[:12]}")
 
 
 @dataclass(frozen=True)
@@ -44,8 +70,13 @@ def reprocess(
     now: dt.datetime,
     progress: Callable[[int], None] | None = None,
     source: str = "spool",
+    model: ForcedModel | None = None,
 ) -> list[Planned]:
     """Make and publish one batch job per study (after its commit); older jobs of the study are superseded."""
+    detail: dict[str, str] = {"from": source}
+    if model is not None:
+        model_version = model.version
+        detail["model"] = str(model.path)
     publisher = JobPublisher(app, sessions)
     made = []
     for study in studies:
@@ -57,7 +88,7 @@ def reprocess(
                 queue=BATCH_QUEUE, instance_count=len(uids), now=now,
             )
             if job_id is not None:
-                repo.add_job_event(session, job_id, "reprocess", now=now, detail={"from": source})
+                repo.add_job_event(session, job_id, "reprocess", now=now, detail=detail)
                 repo.supersede_older_jobs(session, study_id=study.id, new_job_id=job_id, now=now)
                 repo.mark_study_assembled(session, study.id, now=now)
         if job_id is not None:

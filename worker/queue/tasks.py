@@ -90,6 +90,11 @@ class JobTask(Task):
             if JobState(job.state) in TERMINAL_JOB_STATES:
                 log.info("job %d already %s: duplicate message ignored", job_id, job.state)
                 return None
+            # Paused by an operator (worker.ops.web): the job stays queued and this message is dropped; the
+            # reconciler republishes it after its grace period, and resuming republishes the queue at once.
+            if repo.queue_paused(session, job.queue):
+                log.info("job %d: queue %s is paused, job left queued", job_id, job.queue)
+                return None
             if not repo.claim_job(
                 session, job_id, now=now, lease=rt.lease, worker=rt.worker_name, task_id=self.request.id
             ):

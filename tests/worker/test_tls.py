@@ -1,0 +1,314 @@
+"""DICOM TLS for real, with certificates made by openssl: the listener (in process, real PostgreSQL, as the
+intake tests run it) against DCMTK's echoscu/storescu, and our C-STORE exporter against Orthanc."""
+
+# ruff: noqa: F811  (pytest fixtures imported from intake_support are parameters of the same name)
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dicom_factory as f
+import pytest
+from intake_support import (
+    CALLED_AE,
+    make_settings,
+    migrate_to_head,
+    pg_url,  # noqa: F401  (fixture)
+    require_dcmtk,
+    wait_for,
+)
+from orthanc import ORTHANC, ORTHANC_AE, Orthanc, free_port
+from sqlalchemy import select
+
+from worker.db.models import Association, Instance
+from worker.service import Service
+from worker.settings import DicomDestination
+
+pytestmark = pytest.mark.services
+
+DCMTK_TIMEOUT = ["-to", "10", "-ta", "10", "-td", "10"]
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # a client certificate signed by a CA the listener does not trust
+    rogue_key: Path
+
+
+def _openssl(*args: str | Path, cwd: Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _make_ca(folder: Path, name: str) -> tuple[Path, Path]:
+    key, cert = folder / f"{name}.key", folder / f"{name}.crt"
+    ca_extensions = ["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]
+    _openssl(
+        *["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2"],
+        *["-subj", f"/CN={name}", *ca_extensions, "-keyout", key, "-out", cert],
+        cwd=folder,
+    )
+    return cert, key
+
+
+def _make_leaf(folder: Path, name: str, ca: tuple[Path, Path], usage: str) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1/localhost signed by `ca`, for `usage` (serverAuth or clientAuth)."""
+    key, csr, cert, ext = (folder / f"{name}.{suffix}" for suffix in ("key", "csr", "crt", "ext"))
+    ext.write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        f"extendedKeyUsage={usage}\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        encoding="ascii",
+    )
+    _openssl(
+        *["req", "-newkey", "rsa:2048", "-nodes", "-sha256"],
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        key,
+        "-out",
+        csr,
+        cwd=folder,
+    )
+    _openssl(
+        *["x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial"],
+        *["-days", "2", "-sha256", "-extfile", ext, "-out", cert],
+        cwd=folder,
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("pki")
+    ca = _make_ca(folder, "test-ca")
+    rogue_ca = _make_ca(folder, "rogue-ca")
+    server = _make_leaf(folder, "server", ca, "serverAuth")
+    client = _make_leaf(folder, "client", ca, "clientAuth")
+    rogue = _make_leaf(folder, "rogue-client", rogue_ca, "clientAuth")
+    return Pki(ca[0], *server, *client, *rogue)
+
+
+ServiceFactory = Callable[..., Service]
+
+
+@pytest.fixture
+def dcmtk() -> None:
+    require_dcmtk()
+
+
+@pytest.fixture
+def tls_service(dcmtk: None, tmp_path: Path, pg_url: str, pki: Pki) -> Iterator[ServiceFactory]:
+    """Start the listener with TLS (server certificate, client CA); keyword arguments override settings."""
+    migrate_to_head(pg_url)
+    started: list[Service] = []
+
+    def start(**overrides: object) -> Service:
+        values: dict[str, object] = {
+            "database_url": pg_url,
+            "allowed_calling_aets": "ECHOSCU,STORESCU",
+            "tls_cert": pki.server_cert,
+            "tls_key": pki.server_key,
+            "tls_ca": pki.ca,
+            "tls_require_client_cert": True,
+        }
+        values.update(overrides)
+        svc = Service(make_settings(tmp_path / "var", **values), sweep=False, reconcile=False).start()
+        started.append(svc)
+        return svc
+
+    try:
+        yield start
+    finally:
+        for svc in started:
+            svc.stop()
+
+
+def _client_tls(pki: Pki, cert: Path | None = None, key: Path | None = None) -> list[str]:
+    """DCMTK's TLS options: our client certificate (or none: anonymous TLS) and our CA for the server's."""
+    if cert is None or key is None:
+        return ["+tla", "+cf", str(pki.ca)]
+    return ["+tls", str(key), str(cert), "+cf", str(pki.ca)]
+
+
+def _echoscu(port: int, tls: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["echoscu", *DCMTK_TIMEOUT, *tls, "-aet", "ECHOSCU", "-aec", CALLED_AE, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _associations(svc: Service) -> list[Association]:
+    assert svc.sessions is not None
+    with svc.sessions() as session:
+        return list(session.scalars(select(Association).order_by(Association.id)))
+
+
+def _instances(svc: Service) -> list[Instance]:
+    assert svc.sessions is not None
+    with svc.sessions() as session:
+        return list(session.scalars(select(Instance)))
+
+
+def test_echoscu_with_a_client_certificate_is_accepted_over_tls(tls_service: ServiceFactory, pki: Pki) -> None:
+    svc = tls_service()
+    result = _echoscu(svc.port, _client_tls(pki, pki.client_cert, pki.client_key))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = wait_for(lambda: [a for a in _associations(svc) if a.state != "accepted"], timeout=10)
+    assert [(a.calling_ae, a.tls, a.state) for a in rows] == [("ECHOSCU", True, "released")]
+
+
+def test_storescu_over_tls_stores_the_instance(tls_service: ServiceFactory, pki: Pki, tmp_path: Path) -> None:
+    svc = tls_service()
+    uids = f.new_study()
+    ds = next(iter(f.study_images(uids, 1)))
+    path = tmp_path / "image.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    result = subprocess.run(
+        [
+            "storescu",
+            *DCMTK_TIMEOUT,
+            *_client_tls(pki, pki.client_cert, pki.client_key),
+            "-aet",
+            "STORESCU",
+            "-aec",
+            CALLED_AE,
+            "127.0.0.1",
+            str(svc.port),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = _instances(svc)
+    assert [r.sop_instance_uid for r in rows] == [ds.SOPInstanceUID]
+    assert (svc.settings.spool_path / rows[0].path).is_file()
+    assert rows[0].calling_ae == "STORESCU"
+    associations = [a for a in _associations(svc) if a.id == rows[0].association_id]
+    assert associations and associations[0].tls
+
+
+def test_plain_tcp_to_the_tls_port_is_refused(tls_service: ServiceFactory, pki: Pki) -> None:
+    svc = tls_service()
+    result = _echoscu(svc.port, [])
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert _associations(svc) == []
+
+
+def test_client_without_a_certificate_is_refused_when_one_is_required(tls_service: ServiceFactory, pki: Pki) -> None:
+    svc = tls_service()
+    result = _echoscu(svc.port, _client_tls(pki))
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert _associations(svc) == []
+
+
+def test_client_certificate_from_an_untrusted_ca_is_refused(tls_service: ServiceFactory, pki: Pki) -> None:
+    svc = tls_service()
+    result = _echoscu(svc.port, _client_tls(pki, pki.rogue_cert, pki.rogue_key))
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert _associations(svc) == []
+
+
+def test_client_certificate_is_optional_when_not_required(tls_service: ServiceFactory, pki: Pki) -> None:
+    svc = tls_service(tls_require_client_cert=False)
+    result = _echoscu(svc.port, _client_tls(pki))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Still TLS: plain TCP is refused.
+    assert _echoscu(svc.port, []).returncode != 0
+
+
+def test_tls_does_not_bypass_the_calling_ae_allow_list(tls_service: ServiceFactory, pki: Pki) -> None:
+    svc = tls_service(allowed_calling_aets="STORESCU")
+    result = _echoscu(svc.port, _client_tls(pki, pki.client_cert, pki.client_key))
+    assert result.returncode != 0, result.stdout + result.stderr
+    rows = _associations(svc)
+    assert [(a.calling_ae, a.tls, a.state) for a in rows] == [("ECHOSCU", True, "rejected")]
+
+
+# --- our C-STORE exporter (worker/export/dimse.py) against Orthanc with DICOM TLS ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_orthanc(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Orthanc]:
+    """Orthanc whose DICOM port speaks only TLS and requires a client certificate from our CA."""
+    if ORTHANC is None:
+        pytest.skip("Orthanc is not installed")
+    pytest.importorskip("worker.export.dimse", reason="the C-STORE exporter module is not in this checkout")
+
+    class TlsOrthanc(Orthanc):
+        def write_config(self) -> Path:
+            path = super().write_config()
+            config = json.loads(path.read_text())
+            config |= {
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(pki.server_cert),
+                "DicomTlsPrivateKey": str(pki.server_key),
+                "DicomTlsTrustedCertificates": str(pki.ca),
+                "DicomTlsRemoteCertificateRequired": True,
+            }
+            path.write_text(json.dumps(config, indent=1))
+            return path
+
+    folder = tmp_path_factory.mktemp("orthanc-tls")
+    pacs = TlsOrthanc(folder, free_port(), free_port(), our_ae=CALLED_AE, our_port=free_port()).start()
+    try:
+        yield pacs
+    finally:
+        pacs.stop()
+
+
+def _export(pacs: Orthanc, tmp_path: Path, **tls: Any) -> tuple[Any, str, str]:
+    """Send one new MR image to `pacs` with our exporter; its Delivery, study UID and SOP Instance UID."""
+    from worker.export.delivery import Item
+    from worker.export.dimse import send_dimse
+
+    ds = next(iter(f.study_images(f.new_study(), 1)))
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    destination = DicomDestination(name="pacs", ae_title=ORTHANC_AE, host="127.0.0.1", port=pacs.dicom_port, **tls)
+    item = Item(export_id=1, path=path, sop_instance_uid=ds.SOPInstanceUID)
+    results = send_dimse(destination, [item], calling_ae=CALLED_AE, timeout=10)
+    return results[1], ds.StudyInstanceUID, ds.SOPInstanceUID
+
+
+def test_exporter_delivers_over_tls_with_our_ca_and_client_certificate(
+    tls_orthanc: Orthanc, pki: Pki, tmp_path: Path
+) -> None:
+    delivery, study, sop = _export(
+        tls_orthanc, tmp_path, tls=True, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key
+    )
+    assert delivery.outcome == "delivered", delivery
+    assert tls_orthanc.sop_instance_uids(study) == [sop]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["plain TCP", "server certificate not trusted", "no client certificate"],
+)
+def test_exporter_fails_without_a_verified_tls_connection(
+    tls_orthanc: Orthanc, pki: Pki, tmp_path: Path, case: str
+) -> None:
+    client = {"tls_cert": pki.client_cert, "tls_key": pki.client_key}
+    tls: dict[str, Any] = {
+        "plain TCP": {"tls": False},
+        # No tls_ca: the system's CAs, which do not include the test CA.
+        "server certificate not trusted": {"tls": True, **client},
+        "no client certificate": {"tls": True, "tls_ca": pki.ca},
+    }[case]
+    delivery, study, _ = _export(tls_orthanc, tmp_path, **tls)
+    assert delivery.outcome == "failed", delivery
+    assert tls_orthanc.sop_instance_uids(study) == []
