@@ -33,7 +33,6 @@ from worker.queue.celery_app import make_celery
 from worker.queue.publish import JobPublisher
 
 pytestmark = pytest.mark.services
-NOW = dt.datetime.now(dt.UTC)
 
 
 def _instance(session: Any, study_uid: str, when: dt.datetime) -> None:
@@ -49,40 +48,41 @@ def _instance(session: Any, study_uid: str, when: dt.datetime) -> None:
 def scripted(tmp_path: Path, pg_url: str, redis_space: RedisSpace) -> Iterator[dict[str, Any]]:
     """Two waiting studies; jobs queued (in the broker), running, succeeded, failed; one dead export."""
     migrate_to_head(pg_url)
+    now = dt.datetime.now(dt.UTC)  # per test, not per module: the ages asserted below count from here
     settings = make_settings(tmp_path / "var", database_url=pg_url, broker_url=redis_space.url,
                              redis_key_prefix=redis_space.prefix)
     engine = make_engine(pg_url)
     sessions = make_session_factory(engine)
-    old = NOW - dt.timedelta(minutes=30)
+    old = now - dt.timedelta(minutes=30)
     uids = [generate_uid(f.UID_ROOT) for _ in range(6)]
     with sessions.begin() as session:
         for uid in uids[:4]:
             _instance(session, uid, old)
-    jobs = sweep_once(sessions, quiet_seconds=1, model_version="m", now=NOW - dt.timedelta(minutes=20))
+    jobs = sweep_once(sessions, quiet_seconds=1, model_version="m", now=now - dt.timedelta(minutes=20))
     with sessions.begin() as session:
         for uid in uids[4:]:
-            _instance(session, uid, NOW - dt.timedelta(seconds=90))  # still receiving
+            _instance(session, uid, now - dt.timedelta(seconds=90))  # still receiving
     queued, running, done, failed = (j.job_id for j in jobs)
     celery = make_celery(settings)
     JobPublisher(celery, sessions).publish(queued, "inference", reason="test")
     with sessions.begin() as session:
         for job_id, state in ((running, None), (done, JobState.SUCCEEDED), (failed, JobState.FAILED)):
-            repo.claim_job(session, job_id, now=NOW - dt.timedelta(minutes=5), lease=dt.timedelta(hours=1),
+            repo.claim_job(session, job_id, now=now - dt.timedelta(minutes=5), lease=dt.timedelta(hours=1),
                            worker="w", task_id="t")
             if state is not None:
-                repo.finish_job(session, job_id, state=state, now=NOW - dt.timedelta(minutes=1),
+                repo.finish_job(session, job_id, state=state, now=now - dt.timedelta(minutes=1),
                                 error="model exploded" if state is JobState.FAILED else None)
         session.add(ResultObject(job_id=done, kind="sr", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
                                  sop_instance_uid=generate_uid(f.UID_ROOT), series_instance_uid="1.2.3",
-                                 path="a.dcm", size_bytes=1, created_at=NOW))
+                                 path="a.dcm", size_bytes=1, created_at=now))
         session.flush()
-        repo.create_exports(session, done, ["pacs"], now=NOW)
+        repo.create_exports(session, done, ["pacs"], now=now)
         session.execute(update(Export).values(state="dead", attempts=8, last_error="association failed"))
     celery.close()
     env = {"CCFNET_DATABASE_URL": pg_url, "CCFNET_BROKER_URL": redis_space.url,
            "CCFNET_REDIS_KEY_PREFIX": redis_space.prefix, "CCFNET_DATA_DIR": str(tmp_path / "var")}
     yield {"env": env, "sessions": sessions, "uids": uids, "jobs": (queued, running, done, failed),
-           "redis": redis_space}
+           "redis": redis_space, "now": now}
     engine.dispose()
 
 
@@ -126,7 +126,7 @@ def test_jobs_list_has_every_job_with_its_study_and_show_has_its_record(scripted
     assert set(row["study"] for row in listed) == set(scripted["uids"][:4])
     failed = json.loads(runner.invoke(app, ["jobs", "list", "--state", "failed", "--json"], env=scripted["env"]).output)
     assert [row["id"] for row in failed] == [scripted["jobs"][3]]
-    later = (NOW + dt.timedelta(minutes=1)).isoformat()
+    later = (scripted["now"] + dt.timedelta(minutes=1)).isoformat()
     none_yet = runner.invoke(app, ["jobs", "list", "--since", later, "--json"], env=scripted["env"])
     assert json.loads(none_yet.output) == []
     newest = json.loads(runner.invoke(app, ["jobs", "list", "--limit", "2", "--json"], env=scripted["env"]).output)
