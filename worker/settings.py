@@ -147,6 +147,8 @@ class Settings(BaseSettings):
     reconcile_grace_seconds: float = Field(default=60.0, ge=0)
     task_time_limit_seconds: int = Field(default=900, ge=1)
     task_soft_time_limit_seconds: int = Field(default=840, ge=1)
+    # A running job whose worker vanished is taken back this long after its time limit would have ended it.
+    job_lease_margin_seconds: float = Field(default=60.0, ge=0)
     embedded_worker_threads: int = Field(default=2, ge=1)
 
     # Model and results

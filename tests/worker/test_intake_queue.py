@@ -143,3 +143,34 @@ def test_embedded_service_end_to_end_and_across_a_restart(tmp_path: Path) -> Non
                 "picked_up",
                 "finished",
             ]
+
+
+def test_a_job_whose_worker_died_is_republished_although_its_message_is_still_reserved(
+    tmp_path: Path,
+    pg_url: str,
+    redis_space: RedisSpace,
+) -> None:
+    """kill -9 of a worker leaves its message reserved in Redis until the visibility timeout (minutes); the
+    expired lease alone must bring the job back."""
+    migrate_to_head(pg_url)
+    settings = make_settings(
+        tmp_path / "var", database_url=pg_url, broker_url=redis_space.url, redis_key_prefix=redis_space.prefix,
+        reconcile_grace_seconds=0.0,
+    )
+    with Service(settings, listen=False, sweep=False, reconcile=False, processor=record_pickup_only) as svc:
+        assert svc.publisher is not None and svc.sessions is not None
+        (job_id,) = _make_jobs(svc, 1)
+        assert svc.publisher.publish(job_id, "inference", reason="study assembled")
+        now = dt.datetime.now(dt.UTC)
+        with svc.sessions.begin() as session:  # a worker took it and died: its lease ran out a second ago
+            assert repo.claim_job(session, job_id, now=now - dt.timedelta(seconds=61),
+                                  lease=dt.timedelta(seconds=60), worker="gone:1", task_id=None)
+        inspector = RedisInspector(redis_space.url, key_prefix=redis_space.prefix)
+        assert inspector.job_ids() == {job_id}  # the dead worker's message, as far as the broker knows
+        assert svc.reconcile() == 1
+        with svc.sessions() as session:
+            job = repo.get_job(session, job_id)
+            assert job is not None and job.state == "queued"
+            events = [(e.kind, (e.detail or {}).get("reason")) for e in repo.job_events(session, job_id)]
+        assert ("lease_expired", None) in events
+        assert events[-1] == ("published", "reconciler: lease expired")

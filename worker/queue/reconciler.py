@@ -1,8 +1,10 @@
 """The reconciler: the database says which jobs are queued; re-publish those whose message the broker lost.
 
 A job counts as lost when it has been queued for longer than the grace period since its last publish and no
-message naming it is in the broker (waiting, or reserved by a worker). Publishing twice is harmless: the task
-claims a job with an atomic queued -> running update, so only one delivery runs it.
+message naming it is in the broker (waiting, or reserved by a worker), or when its worker vanished past its
+lease: that worker's message sits reserved in the broker until the visibility timeout, so it is not waited for.
+Publishing twice is harmless: the task claims a job with an atomic queued -> running update, so only one
+delivery runs it.
 """
 
 from __future__ import annotations
@@ -124,9 +126,12 @@ def reconcile_once(
     in_broker = inspector.job_ids() or set()
     republished = []
     for job in candidates:
-        if job.job_id in in_broker:
+        if job.job_id in expired:
+            reason = "lease expired"  # its message is the dead worker's, reserved until the visibility timeout
+        elif job.job_id in in_broker:
             continue
-        reason = "never published" if job.published_at is None else "lost by the broker"
+        else:
+            reason = "never published" if job.published_at is None else "lost by the broker"
         if publisher.publish(job.job_id, job.queue, reason=f"reconciler: {reason}"):
             republished.append(job.job_id)
     if republished:

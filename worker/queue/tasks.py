@@ -26,7 +26,6 @@ log = logging.getLogger("worker.tasks")
 
 MAX_RETRIES = 3
 RETRY_BACKOFF_SECONDS = 30.0
-LEASE_MARGIN_SECONDS = 60
 
 
 class WorkerRuntime:
@@ -63,7 +62,7 @@ class WorkerRuntime:
 
     @property
     def lease(self) -> dt.timedelta:
-        return dt.timedelta(seconds=self.settings.task_time_limit_seconds + LEASE_MARGIN_SECONDS)
+        return dt.timedelta(seconds=self.settings.task_time_limit_seconds + self.settings.job_lease_margin_seconds)
 
     def dispose(self) -> None:
         if self._engine is not None:
