@@ -49,6 +49,8 @@ class ModelOutOfMemory(Exception):
 
 @dataclass(frozen=True)
 class ModelIdentity:
+    """What the loaded checkpoint's model card says it is."""
+
     name: str
     version: str
     software_version: str
@@ -56,6 +58,13 @@ class ModelIdentity:
     arch: str
     phantom_only: bool
     path: str
+    weights_sha256: str  # empty for a card written without one
+
+    @property
+    def checkpoint_version(self) -> str:
+        """The card's version and the start of its weights' sha256 (``0.1.0@a97c0cb420a4``): checkpoints that
+        share a version, as the shipped ones do, are still told apart."""
+        return f"{self.version}@{self.weights_sha256[:12]}" if self.weights_sha256 else self.version
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,7 @@ def load_model(path: Path, device: str = "auto") -> ModelIdentity:
         arch=card.arch,
         phantom_only=card.phantom_only,
         path=str(path),
+        weights_sha256=card.weights_sha256,
     )
 
 

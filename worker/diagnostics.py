@@ -132,22 +132,34 @@ def check_spool(settings: Settings) -> Check:
     )
 
 
+def _echo(settings: Settings, dest: DicomDestination) -> Check:
+    """C-ECHO the destination connected as the exporter connects: over TLS with its certificates when it has
+    ``tls``, so a TLS-only PACS passes and a certificate problem fails here as it would fail an export."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from worker.export.dimse import associate
+
+    name = f"destination {dest.name}"
+    where = f"{dest.ae_title}@{dest.host}:{dest.port}{' over TLS' if dest.tls else ''}"
+    ae = AE(ae_title=dest.calling_ae_title or settings.ae_title)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
+    try:
+        assoc = associate(ae, dest)
+    except OSError as exc:  # ssl.SSLError included: the CA, certificate or key file cannot be loaded
+        return Check(name, False, f"{where}: TLS files not usable: {exc}")
+    if not assoc.is_established:
+        return Check(name, False, f"{where}: association not accepted")
+    status = assoc.send_c_echo()
+    assoc.release()
+    ok = bool(status) and int(status.Status) == 0
+    return Check(name, ok, f"{where}: C-ECHO {'succeeded' if ok else 'failed'}")
+
+
 def check_destination(settings: Settings, dest: DicomDestination | DicomWebDestination) -> Check:
     if isinstance(dest, DicomDestination):
-        from pynetdicom import AE
-        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-        ae = AE(ae_title=dest.calling_ae_title or settings.ae_title)
-        ae.add_requested_context(Verification)
-        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-        if not assoc.is_established:
-            return Check(f"destination {dest.name}", False, f"{where}: association not accepted")
-        status = assoc.send_c_echo()
-        assoc.release()
-        ok = bool(status) and int(status.Status) == 0
-        return Check(f"destination {dest.name}", ok, f"{where}: C-ECHO {'succeeded' if ok else 'failed'}")
+        return _echo(settings, dest)
     import httpx
 
     headers = {}

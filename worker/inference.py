@@ -71,12 +71,14 @@ def patient_coordinates(source: pydicom.Dataset, column: float, row: float) -> t
     )
 
 
-def _algorithm(analysis: StudyAnalysis, settings: Settings) -> AlgorithmIdentity:
+def _algorithm(analysis: StudyAnalysis, settings: Settings, *, forced: bool) -> AlgorithmIdentity:
+    """The algorithm the results name: the checkpoint that ran. CCFNET_MODEL_VERSION names the configured
+    checkpoint; one forced by `ccfnet reprocess --model` is named by its own card (version and weights digest)."""
     return AlgorithmIdentity(
         manufacturer=MANUFACTURER,
         model_name=analysis.model.name,
         software_version=analysis.model.software_version,
-        model_version=settings.model_version,
+        model_version=analysis.model.checkpoint_version if forced else settings.model_version,
         device_uid=analysis.model.device_uid,
         phantom_only=analysis.model.phantom_only,
     )
@@ -135,15 +137,12 @@ def _finding_rows(analysis: StudyAnalysis) -> list[Finding]:
     return rows
 
 
-def _analyse(ctx: JobContext, paths: list[Path]) -> StudyAnalysis | JobOutcome:
+def _analyse(ctx: JobContext, paths: list[Path], checkpoint: Path) -> StudyAnalysis | JobOutcome:
     """Run the model on the study's files, or say how the job ends without results."""
     settings = ctx.settings
-    with ctx.sessions() as session:  # ops hook: `ccfnet reprocess --model` forces a checkpoint for a job
-        forced = repo.forced_model_path(session, ctx.job_id)
     try:
         return core_bridge.analyse_files(
-            paths, Path(forced) if forced else model_path(settings), settings.model_device,
-            with_heatmaps=settings.include_segmentation,
+            paths, checkpoint, settings.model_device, with_heatmaps=settings.include_segmentation
         )
     except NoEligibleInput as exc:
         log.info("job %d: no eligible series: %s", ctx.job_id, exc.reason)
@@ -171,6 +170,7 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
         newer = repo.superseding_job(session, ctx.job_id)
         instances = repo.spooled_instances(session, ctx.study_id)
         stored_before = len(repo.result_objects_for_job(session, ctx.job_id))
+        forced = repo.forced_model_path(session, ctx.job_id)  # `ccfnet reprocess --model` chose the checkpoint
     if newer is not None:
         return JobOutcome(JobState.SUPERSEDED, detail={"superseded_by": newer})
     if stored_before:
@@ -180,7 +180,8 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     if not instances:
         return JobOutcome(JobState.NO_ELIGIBLE_SERIES, error="the study has no stored instances")
     spool_root = settings.spool_path.resolve()
-    analysis = _analyse(ctx, [spool_root / item.path for item in instances])
+    checkpoint = Path(forced) if forced is not None else model_path(settings)
+    analysis = _analyse(ctx, [spool_root / item.path for item in instances], checkpoint)
     if isinstance(analysis, JobOutcome):
         return analysis
     deadline.check("during inference")
@@ -199,8 +200,8 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     ]
     try:
         result = AnalysisResult(
-            source_dataset=analysis.source, findings=tuple(findings), algorithm=_algorithm(analysis, settings),
-            heatmaps=analysis.heatmaps,
+            source_dataset=analysis.source, findings=tuple(findings),
+            algorithm=_algorithm(analysis, settings, forced=forced is not None), heatmaps=analysis.heatmaps,
         )
         datasets = build_results(
             result, sr_tracking=settings.sr_tracking, include_segmentation=settings.include_segmentation

@@ -1,7 +1,8 @@
 """One typed settings object for the service, read from ``CCFNET_*`` environment variables (and ``.env``).
 
 Built once at the process edge with :func:`get_settings` and passed down; nothing reads the environment at
-import time. A bad value stops start-up with :class:`SettingsError`, whose message names the variable.
+import time. A bad value stops start-up with :class:`SettingsError`, whose message names the variable. A path
+setting that is set but empty (``CCFNET_SPOOL_DIR=``) counts as unset and takes its default.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CCFNET_"
@@ -33,6 +34,16 @@ def _check_ae_title(value: str, what: str) -> str:
     if not _AE_TITLE.match(value) or not value:
         raise ValueError(f"{what} must be 1-16 printable characters without a backslash, got {value!r}")
     return value
+
+
+def _blank_as_unset(value: Any) -> Any:
+    """An empty (or all-space) path value counts as unset: read as a path it would be ".", the current folder."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+# A path setting that may be left out; set but empty is the same as left out (None: the documented default).
+OptionalPath = Annotated[Path | None, BeforeValidator(_blank_as_unset)]
+DEFAULT_DATA_DIR = Path("var")
 
 
 def _split_list(value: Any) -> Any:
@@ -57,9 +68,9 @@ class DicomDestination(BaseModel):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None
     tls: bool = False  # DICOM TLS (PS3.15 B.1): the peer's certificate is verified against tls_ca
-    tls_ca: Path | None = None  # unset: the system's trusted CAs
-    tls_cert: Path | None = None  # our client certificate, for a peer that asks for one
-    tls_key: Path | None = None
+    tls_ca: OptionalPath = None  # unset: the system's trusted CAs
+    tls_cert: OptionalPath = None  # our client certificate, for a peer that asks for one
+    tls_key: OptionalPath = None
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
@@ -82,7 +93,7 @@ class DicomWebDestination(BaseModel):
     username: str | None = None
     password: SecretStr | None = None  # HTTP basic, with username
     token: SecretStr | None = None  # HTTP bearer
-    tls_ca: Path | None = None  # for https: unset means the system's trusted CAs
+    tls_ca: OptionalPath = None  # for https: unset means the system's trusted CAs
 
     @field_validator("url")
     @classmethod
@@ -119,9 +130,9 @@ class Settings(BaseSettings):
     extra_storage_sop_classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
+    tls_cert: OptionalPath = None
+    tls_key: OptionalPath = None
+    tls_ca: OptionalPath = None
     tls_require_client_cert: bool = True
 
     # Where `ccfnet reprocess --from pacs` pulls studies from (DICOMweb QIDO/WADO-RS, or DIMSE C-FIND/C-GET).
@@ -131,8 +142,8 @@ class Settings(BaseSettings):
     stow_senders: dict[str, SecretStr] = Field(default_factory=dict)
 
     # Storage
-    data_dir: Path = Path("var")
-    spool_dir: Path | None = None
+    data_dir: Path = DEFAULT_DATA_DIR  # set but empty: this default, like the optional paths
+    spool_dir: OptionalPath = None
     min_free_disk_mb: int = Field(default=1024, ge=0)
 
     # Database and broker (unset: embedded SQLite and on-disk broker under data_dir)
@@ -152,7 +163,7 @@ class Settings(BaseSettings):
     embedded_worker_threads: int = Field(default=2, ge=1)
 
     # Model and results
-    model_path: Path | None = None
+    model_path: OptionalPath = None
     model_version: str = "ccfnet-r18-msc-1"
     model_device: Literal["auto", "cpu", "cuda"] = "auto"
     sr_tracking: Literal["standard", "ohif"] = "standard"
@@ -174,6 +185,11 @@ class Settings(BaseSettings):
     @classmethod
     def _ae_title(cls, value: str) -> str:
         return _check_ae_title(value, "ae_title")
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir(cls, value: Any) -> Any:
+        return DEFAULT_DATA_DIR if _blank_as_unset(value) is None else value
 
     @field_validator("allowed_calling_aets", mode="before")
     @classmethod

@@ -4,6 +4,7 @@ and the Kubernetes objects are well formed. Fast: no containers, no cluster, no 
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import re
 import shlex
 from functools import cache
@@ -15,6 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from worker.cli import app
+from worker.commands.serve import DEFAULT_HTTP_PORT
 from worker.queue.celery_app import QUEUES
 from worker.settings import ENV_PREFIX, Settings
 
@@ -111,6 +113,30 @@ def _all_ccfnet_commands() -> list[tuple[str, list[str]]]:
     return found
 
 
+def _settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The settings a process gets from exactly these CCFNET_ variables."""
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def _listening_ports(argv: list[str], settings: Settings) -> dict[str, int]:
+    """The TCP ports `ccfnet <argv>` listens on with these settings, by the name a container port should have."""
+    if argv[0] == "serve":
+        http = settings.http_port if settings.http_port is not None else DEFAULT_HTTP_PORT
+        return {"dicom": settings.port, "http": http}
+    if argv[0] == "worker" and settings.worker_metrics_port is not None:
+        return {"metrics": settings.worker_metrics_port}
+    return {}
+
+
+def _is_loopback(address: str) -> bool:
+    """A bind address that a port mapping or a Service cannot reach from outside the container."""
+    return address == "localhost" or ipaddress.ip_address(address).is_loopback
+
+
 # --- everything parses -----------------------------------------------------------------------------------
 
 
@@ -201,17 +227,36 @@ def test_pods_use_the_configmap_secret_and_shared_volume() -> None:
             assert volumes and volumes <= set(claims), obj["metadata"]["name"]
 
 
-def test_listener_service_selects_the_listener_on_the_dicom_port() -> None:
-    listener = next(
-        d for d in _k8s_objects("Deployment") if "serve" in d["spec"]["template"]["spec"]["containers"][0]["command"]
-    )
-    pod_labels = listener["spec"]["template"]["metadata"]["labels"]
-    ports = {p["name"]: p["containerPort"] for p in listener["spec"]["template"]["spec"]["containers"][0]["ports"]}
+def test_k8s_declares_and_routes_every_port_the_ccfnet_containers_listen_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Named container ports (the probes use the names) match the settings; Services reach the listener's."""
     configmap = _k8s_objects("ConfigMap")[0]["data"]
-    services = [s for s in _k8s_objects("Service") if s["spec"]["selector"].items() <= pod_labels.items()]
-    assert services, "no Service selects the listener pods"
-    target = services[0]["spec"]["ports"][0]["targetPort"]
-    assert ports.get(target, target) == int(configmap["CCFNET_PORT"])
+    services = _k8s_objects("Service")
+    seen: set[str] = set()
+    for dep in _k8s_objects("Deployment"):
+        pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+        for container in dep["spec"]["template"]["spec"]["containers"]:
+            argv = _ccfnet_argv(container.get("command", []) + container.get("args", []))
+            if argv is None:
+                continue
+            env = configmap | {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+            settings = _settings(env, monkeypatch)
+            listening = _listening_ports(argv, settings)
+            declared = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+            where = f"{dep['metadata']['name']}/{container['name']}"
+            assert {name: declared.get(name) for name in listening} == listening, where
+            if argv[0] != "serve":
+                continue
+            assert not _is_loopback(settings.bind_address) and not _is_loopback(settings.http_bind), where
+            for name, port in listening.items():
+                routed = [
+                    s["metadata"]["name"]
+                    for s in services
+                    if s["spec"]["selector"].items() <= pod_labels.items()
+                    and any(p["targetPort"] in (name, port) for p in s["spec"]["ports"])
+                ]
+                assert routed, f"{where}: no Service routes to its {name} port {port}"
+                seen.add(name)
+    assert seen == {"dicom", "http"}
 
 
 def test_keda_scales_the_gpu_worker_on_the_inference_list() -> None:
@@ -259,6 +304,36 @@ def test_compose_has_the_services_and_a_gpu_reservation() -> None:
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] in _parse_env(EXAMPLE_ENV)["CCFNET_DATABASE_URL"]
 
 
+def test_compose_publishes_every_port_the_ccfnet_services_listen_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = _parse_env(EXAMPLE_ENV)
+    seen: set[str] = set()
+    for name, service in _compose()["services"].items():
+        argv = _ccfnet_argv(service.get("command", []))
+        if argv is None:
+            continue
+        settings = _settings(example | {k: str(v) for k, v in service.get("environment", {}).items()}, monkeypatch)
+        listening = _listening_ports(argv, settings)
+        # "HOST:CONTAINER" or "ADDRESS:HOST:CONTAINER": the container side is the last part.
+        published = {int(str(mapping).rsplit(":", 1)[-1]) for mapping in service.get("ports", [])}
+        assert set(listening.values()) <= published, f"{name}: listens on {listening}, publishes {published}"
+        if argv[0] == "serve":
+            assert not _is_loopback(settings.bind_address) and not _is_loopback(settings.http_bind), name
+        seen.update(listening)
+    assert seen >= {"dicom", "http"}
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=_ids(DOCKERFILES))
+def test_dockerfile_exposes_the_ports_its_command_listens_on(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = path.read_text(encoding="utf-8")
+    command = re.search(r"^CMD\s+(\[.*\])\s*$", text, re.MULTILINE)
+    assert command is not None
+    argv = _ccfnet_argv(yaml.safe_load(command.group(1)))
+    assert argv is not None
+    listening = _listening_ports(argv, _settings(_parse_env(EXAMPLE_ENV), monkeypatch))
+    exposed = {int(port) for line in re.findall(r"^EXPOSE\s+(.+)$", text, re.MULTILINE) for port in line.split()}
+    assert set(listening.values()) <= exposed
+
+
 # --- settings and commands -------------------------------------------------------------------------------
 
 
@@ -282,7 +357,7 @@ def test_example_env_lists_every_setting_and_loads(monkeypatch: pytest.MonkeyPat
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    # An empty path variable would be read as Path("."): optional paths must be commented out instead.
+    # Empty path variables count as unset; none may end up as the current folder.
     for name, field in Settings.model_fields.items():
         if "Path" in str(field.annotation):
             assert getattr(settings, name) != Path("."), f"{ENV_PREFIX}{name.upper()} is empty in example.env"

@@ -104,6 +104,30 @@ def test_config_bad_value_exits_with_the_variable_named(
     assert "CCFNET_STUDY_QUIET_SECONDS" in result.output
 
 
+def test_path_variables_set_but_empty_count_as_unset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Read as paths, "" would be "." (the current folder): the spool, model and TLS files would silently be
+    the working directory."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("DATA_DIR", "SPOOL_DIR", "MODEL_PATH", "TLS_CERT", "TLS_KEY", "TLS_CA"):
+        monkeypatch.setenv(f"CCFNET_{name}", "")
+    monkeypatch.setenv("CCFNET_SPOOL_DIR", "  ")
+    destinations = [
+        {"kind": "dicom", "name": "pacs", "ae_title": "PACS", "host": "pacs", "port": 104,
+         "tls_ca": "", "tls_cert": "", "tls_key": ""},
+        {"kind": "dicomweb", "name": "web", "url": "https://pacs.example/dicom-web", "tls_ca": ""},
+    ]
+    monkeypatch.setenv("CCFNET_DESTINATIONS", json.dumps(destinations))
+    s = get_settings(_env_file=None)
+    assert (s.data_dir, s.spool_dir, s.spool_path) == (Path("var"), None, Path("var") / "spool")
+    assert (s.model_path, s.tls_cert, s.tls_key, s.tls_ca, s.tls_enabled) == (None, None, None, None, False)
+    assert [(d.tls_ca, getattr(d, "tls_cert", None), getattr(d, "tls_key", None)) for d in s.destinations] == [
+        (None, None, None), (None, None, None),
+    ]
+    shown = CliRunner().invoke(app, ["config", "show", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["(effective spool)"] == str(Path("var") / "spool")
+
+
 @pytest.mark.services
 def test_config_check_against_the_real_services(
     monkeypatch: pytest.MonkeyPatch,

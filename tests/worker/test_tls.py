@@ -4,9 +4,11 @@ intake tests run it) against DCMTK's echoscu/storescu, and our C-STORE exporter 
 # ruff: noqa: F811  (pytest fixtures imported from intake_support are parameters of the same name)
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import dicom_factory as f
 import pytest
+from click.testing import Result
 from intake_support import (
     CALLED_AE,
     make_settings,
@@ -24,7 +27,11 @@ from intake_support import (
 )
 from orthanc import ORTHANC, ORTHANC_AE, Orthanc, free_port
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+from worker.cli import app
+from worker.db import repository as repo
+from worker.db.engine import make_engine, make_session_factory
 from worker.db.models import Association, Instance
 from worker.service import Service
 from worker.settings import DicomDestination
@@ -312,3 +319,90 @@ def test_exporter_fails_without_a_verified_tls_connection(
     delivery, study, _ = _export(tls_orthanc, tmp_path, **tls)
     assert delivery.outcome == "failed", delivery
     assert tls_orthanc.sop_instance_uids(study) == []
+
+
+# --- `ccfnet config check` and `ccfnet reprocess --from pacs` against the same TLS-only Orthanc --------------
+
+
+def _tls_peer(pacs: Orthanc, pki: Pki, *, tls: bool = True) -> dict[str, Any]:
+    """The TLS Orthanc as a destination or reprocess source: verified with our CA, our client certificate."""
+    peer: dict[str, Any] = {
+        "kind": "dicom", "name": "pacs", "ae_title": ORTHANC_AE, "host": "127.0.0.1", "port": pacs.dicom_port,
+    }
+    if tls:
+        peer |= {"tls": True, "tls_ca": str(pki.ca), "tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key)}
+    return peer
+
+
+def _cli_env(tmp_path: Path, pg_url: str, **settings: str) -> dict[str, str]:
+    """CCFNET_ variables for a command: our migrated PostgreSQL database, the on-disk broker, our AE title."""
+    migrate_to_head(pg_url)
+    env = {
+        "CCFNET_DATABASE_URL": pg_url,
+        "CCFNET_DATA_DIR": str(tmp_path / "var"),
+        "CCFNET_AE_TITLE": CALLED_AE,  # the modality the TLS Orthanc knows
+        "CCFNET_MIN_FREE_DISK_MB": "1",
+    }
+    return env | {f"CCFNET_{name.upper()}": value for name, value in settings.items()}
+
+
+def _destination_check(result: Result) -> dict[str, Any]:
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    return dict(checks["destination pacs"])
+
+
+def test_config_check_echoes_a_tls_destination_over_tls(
+    tls_orthanc: Orthanc, pki: Pki, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env but ours
+    env = _cli_env(tmp_path, pg_url, destinations=json.dumps([_tls_peer(tls_orthanc, pki)]))
+    runner = CliRunner()
+    result = runner.invoke(app, ["config", "check", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    where = f"{ORTHANC_AE}@127.0.0.1:{tls_orthanc.dicom_port}"
+    assert _destination_check(result) == {
+        "name": "destination pacs", "ok": True, "detail": f"{where} over TLS: C-ECHO succeeded",
+    }
+    # The peer speaks only TLS: the same destination without "tls" is not reached.
+    plain = json.dumps([_tls_peer(tls_orthanc, pki, tls=False)])
+    result = runner.invoke(app, ["config", "check", "--json"], env=env | {"CCFNET_DESTINATIONS": plain})
+    assert result.exit_code == 1, result.output
+    assert _destination_check(result) == {
+        "name": "destination pacs", "ok": False, "detail": f"{where}: association not accepted",
+    }
+
+
+def test_reprocess_from_a_tls_pacs_finds_and_pulls_the_study_over_tls(
+    tls_orthanc: Orthanc, pki: Pki, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C-FIND by accession, then C-GET into the spool and a batch job, all on TLS associations."""
+    monkeypatch.chdir(tmp_path)
+    accession = uuid.uuid4().hex[:16]  # the module's Orthanc also holds the exporter tests' studies
+    images = list(f.study_images(f.new_study(), 3))
+    for ds in images:
+        ds.AccessionNumber = accession
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        tls_orthanc.upload(buffer.getvalue())  # over Orthanc's (plain) REST API; its DICOM port is TLS only
+    study_uid = str(images[0].StudyInstanceUID)
+    runner = CliRunner()
+    command = ["reprocess", "--from", "pacs", "--accession", accession, "--json"]
+
+    plain = json.dumps(_tls_peer(tls_orthanc, pki, tls=False))
+    refused = runner.invoke(app, command, env=_cli_env(tmp_path, pg_url, reprocess_source=plain))
+    assert refused.exit_code == 1 and f"C-FIND association with {ORTHANC_AE} failed" in refused.output
+
+    source = json.dumps(_tls_peer(tls_orthanc, pki))
+    result = runner.invoke(app, command, env=_cli_env(tmp_path, pg_url, reprocess_source=source))
+    assert result.exit_code == 0, result.output
+    assert f"pulled {study_uid} from pacs: 3 stored, 0 failed" in result.output
+    assert [row["study"] for row in json.loads(result.stdout)["studies"]] == [study_uid]
+    engine = make_engine(pg_url)
+    try:
+        with make_session_factory(engine)() as session:
+            stored = session.scalars(select(Instance.sop_instance_uid).where(Instance.calling_ae == ORTHANC_AE))
+            assert sorted(stored) == sorted(str(ds.SOPInstanceUID) for ds in images)
+            (job,) = repo.jobs_for_study(session, study_uid)
+            assert job.queue == "batch"
+    finally:
+        engine.dispose()

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from worker.export.delivery import Delivery, Item, Outcome, failed, read_items
 from worker.settings import DicomDestination
+
+if TYPE_CHECKING:
+    from pynetdicom import AE
+    from pynetdicom.association import Association
 
 SUCCESS = 0x0000
 # C-STORE warnings (PS3.4 B.2.3): coercion of data elements, data set does not match the SOP class, elements
@@ -38,6 +43,22 @@ def tls_context(destination: DicomDestination) -> ssl.SSLContext:
     return context
 
 
+def associate(
+    ae: AE,
+    peer: DicomDestination,
+    *,
+    ext_neg: list[Any] | None = None,
+    evt_handlers: list[Any] | None = None,
+) -> Association:
+    """Request an association with a configured DICOM peer (destination or reprocess source), over TLS with
+    :func:`tls_context` when the peer has ``tls``. Raises OSError or ssl.SSLError when its TLS files cannot be
+    loaded; a refused connection or failed handshake gives an association that is not established."""
+    tls_args = (tls_context(peer), peer.host) if peer.tls else None
+    return ae.associate(
+        peer.host, peer.port, ae_title=peer.ae_title, ext_neg=ext_neg, tls_args=tls_args, evt_handlers=evt_handlers
+    )
+
+
 def send_dimse(
     destination: DicomDestination, items: Sequence[Item], *, calling_ae: str, timeout: float
 ) -> dict[int, Delivery]:
@@ -60,8 +81,7 @@ def send_dimse(
         return results | {item.export_id: failed(error) for item, _ in readable}
 
     try:
-        tls_args = (tls_context(destination), destination.host) if destination.tls else None
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+        assoc = associate(ae, destination)
     except (OSError, ssl.SSLError) as exc:
         return all_failed(f"association with {where} failed: {exc}")
     if not assoc.is_established:

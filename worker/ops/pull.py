@@ -9,14 +9,19 @@ import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.dataset import Dataset
 
+from worker.export.dimse import associate
 from worker.listener.handlers import IntakeContext, Sender, persist_instance
 from worker.listener.status import StoreStatus
 from worker.settings import DicomDestination, DicomWebDestination
+
+if TYPE_CHECKING:
+    from pynetdicom import AE
+    from pynetdicom.association import Association
 
 log = logging.getLogger("worker.pull")
 
@@ -84,15 +89,24 @@ def pull_study_web(ctx: IntakeContext, source: DicomWebDestination, study_uid: s
 
 
 # DIMSE -----------------------------------------------------------------------------------------------------
+def _associate(ae: AE, source: DicomDestination, what: str, **options: Any) -> Association:
+    """An established association with the source, over TLS when it has ``tls`` (as the exporter connects)."""
+    try:
+        assoc = associate(ae, source, **options)
+    except OSError as exc:  # ssl.SSLError included: the source's CA, certificate or key cannot be loaded
+        raise PullError(f"{what} association with {source.ae_title}: TLS files not usable: {exc}") from exc
+    if not assoc.is_established:
+        raise PullError(f"{what} association with {source.ae_title} failed")
+    return assoc
+
+
 def find_studies_dimse(source: DicomDestination, calling_ae: str, accessions: Sequence[str]) -> list[str]:
     from pynetdicom import AE
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
     ae = AE(ae_title=source.calling_ae_title or calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)
-    if not assoc.is_established:
-        raise PullError(f"C-FIND association with {source.ae_title} failed")
+    assoc = _associate(ae, source, "C-FIND")
     uids: list[str] = []
     try:
         for accession in accessions:
@@ -132,10 +146,7 @@ def pull_study_dimse(ctx: IntakeContext, source: DicomDestination, calling_ae: s
     for sop_class in storage:
         ae.add_requested_context(sop_class)
     roles: list[Any] = [build_role(sop_class, scp_role=True) for sop_class in storage]
-    assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, ext_neg=roles,
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    if not assoc.is_established:
-        raise PullError(f"C-GET association with {source.ae_title} failed")
+    assoc = _associate(ae, source, "C-GET", ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
