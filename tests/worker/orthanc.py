@@ -46,6 +46,9 @@ class Orthanc:
     our_ae: str
     our_port: int
     users: dict[str, str] = field(default_factory=dict)  # HTTP basic users; none: no authentication (localhost)
+    # Further peers by name: (AE title, port) on 127.0.0.1, e.g. a second listener for Orthanc to send to.
+    extra_modalities: dict[str, tuple[str, int]] = field(default_factory=dict)
+    concurrent_jobs: int = 1
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,11 +74,14 @@ class Orthanc:
             "DicomAlwaysAllowStore": False,
             "DicomAlwaysAllowEcho": False,
             "DicomCheckCalledAet": True,
-            "DicomModalities": {OUR_MODALITY: [self.our_ae, "127.0.0.1", self.our_port]},
+            "DicomModalities": {
+                OUR_MODALITY: [self.our_ae, "127.0.0.1", self.our_port],
+                **{name: [ae, "127.0.0.1", port] for name, (ae, port) in self.extra_modalities.items()},
+            },
             "Plugins": plugins(),
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "StableAge": 1,
-            "ConcurrentJobs": 1,
+            "ConcurrentJobs": self.concurrent_jobs,
             "HttpThreadsCount": 4,
         }
         path = self.folder / "orthanc.json"
