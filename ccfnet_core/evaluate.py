@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ccfnet_core.inference import Predictor
-from ccfnet_core.metrics import challenge_metrics, confusion_matrices, paper_metrics
+from ccfnet_core.metrics import challenge_metrics, confusion_matrices, miss_breakdown, paper_metrics
 from ccfnet_core.sample import Prediction, SliceSample
 
 PAPER_KEYS = ("L-Disc", "L-Vertebra", "C-Disc", "C-Vertebra", "Score")
@@ -43,6 +43,7 @@ def summarise(samples: Sequence[SliceSample], predictions: Sequence[Prediction])
     result["paper_detail"] = {k: v for k, v in paper.items() if k not in PAPER_KEYS}
     result["challenge"] = challenge
     result["confusion"] = confusion_matrices(samples, predictions)
+    result["misses"] = miss_breakdown(samples, predictions)
     return result
 
 

@@ -143,6 +143,47 @@ def paper_metrics(
     return result
 
 
+MISS_KINDS: Final[tuple[str, ...]] = ("duplicate", "level_shift", "other_type", "off_target", "no_prediction")
+
+
+def miss_breakdown(
+    samples: Sequence[SliceSample], predictions: Sequence[Prediction], radius_mm: float = 6.0
+) -> dict[str, int]:
+    """Why annotated points were not localised, counted per kind (MISS_KINDS).
+
+    For a missed point, look at the annotated structure nearest to its prediction (in mm):
+    - duplicate: a structure of the same type, within radius_mm, that its own channel also found (two
+      channels on one level: a decoder that keeps channels apart could fix these);
+    - level_shift: a structure of the same type, within radius_mm, that its own channel missed too (the
+      levels are counted off: the whole chain moved);
+    - other_type: a structure of the other type (a disc on a vertebra or the reverse), within radius_mm;
+    - off_target: no annotated structure within radius_mm (its own point further than radius_mm included);
+    - no_prediction: no finite prediction.
+    """
+    _check_inputs(samples, predictions, radius_mm)
+    counts = dict.fromkeys(MISS_KINDS, 0)
+    for sample, prediction in zip(samples, predictions, strict=True):
+        own = distances_mm(sample, prediction)
+        found = sample.present & (np.nan_to_num(own, nan=np.inf) <= radius_mm)
+        row_mm, col_mm = sample.spacing_mm
+        for k in np.flatnonzero(sample.present & ~found):
+            point = np.asarray(prediction.points[k], dtype=np.float64)
+            if not np.all(np.isfinite(point)):
+                counts["no_prediction"] += 1
+                continue
+            delta = sample.points - point
+            to_each = np.hypot(delta[:, 0] * col_mm, delta[:, 1] * row_mm)
+            to_each[~sample.present] = np.inf
+            nearest = int(np.argmin(to_each))
+            if nearest == k or to_each[nearest] > radius_mm:
+                counts["off_target"] += 1
+            elif structure_type(nearest) is not structure_type(int(k)):
+                counts["other_type"] += 1
+            else:
+                counts["duplicate" if found[nearest] else "level_shift"] += 1
+    return counts
+
+
 def challenge_metrics(
     samples: Sequence[SliceSample],
     predictions: Sequence[Prediction],

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ccfnet_core.metrics import challenge_metrics, confusion_matrices, paper_metrics, roc_auc
+from ccfnet_core.metrics import challenge_metrics, confusion_matrices, miss_breakdown, paper_metrics, roc_auc
 from ccfnet_core.sample import Prediction, SliceSample
 from ccfnet_core.structures import NUM_STRUCTURES, STRUCTURES
 
@@ -265,3 +265,18 @@ def test_outputs_are_json_serialisable_and_inputs_checked() -> None:
         paper_metrics(samples, predictions[:1])
     with pytest.raises(ValueError, match="radius_mm"):
         challenge_metrics(samples, predictions, radius_mm=0.0)
+
+
+def test_miss_breakdown_tells_duplicates_from_level_shifts_and_stray_points() -> None:
+    """L1 on L2 (L2 found too: duplicate), L3 and L4 swapped (both level shifts), the T12-L1 disc on the L1
+    vertebra (other type), L5 30 mm aside (off target), L5-S1 not predicted; the rest in place."""
+    sample = make_sample(STUDY_A)
+    prediction = make_prediction({}, moves={
+        "L1": at("L2"), "L3": at("L4"), "L4": at("L3"), "T12-L1": at("L1", dy=1.0), "L5": at("L5", dx=30.0),
+        "L5-S1": (math.nan, math.nan),
+    })
+    counts = miss_breakdown([sample], [prediction])
+    assert counts == {"duplicate": 1, "level_shift": 2, "other_type": 1, "off_target": 1, "no_prediction": 1}
+    per_type = paper_metrics([sample], [prediction])["per_type"]
+    assert sum(counts.values()) == NUM_STRUCTURES - per_type["disc"]["n_localised"] - per_type["vertebra"][
+        "n_localised"]  # every miss has exactly one kind
