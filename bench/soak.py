@@ -3,14 +3,15 @@
 Started here, each its own process: a PostgreSQL cluster and a Redis server of the run's own (so that restarting
 them disturbs nothing else), one Orthanc (the PACS: it sends half of the studies and receives every result),
 2 listeners (`ccfnet serve`), 2 workers (`ccfnet worker -Q inference,batch`, prefork, one job at a time) and an
-exporter (`ccfnet worker -Q export`), as deploy/ runs them; each restarted one second after it dies, the way
-systemd's Restart=always does. 4 senders push the phantom studies at once: two modality
+exporter (`ccfnet worker -Q export`), as deploy/ runs them; each restarted one second after it dies, as the
+systemd units (Restart=on-failure) do. 4 senders push the phantom studies at once: two modality
 simulators (pynetdicom; they resend only what was not acknowledged, so an acknowledged instance that got lost
 shows up as missing) and two Orthanc store jobs (a PACS forwarding whole studies; it resends the study).
 
 Faults, each once, at a random point of the run's progress (seeded): kill -9 of a listener during a send,
 a PostgreSQL restart (fast shutdown) during the sends, a Redis restart (it keeps nothing on disk) while jobs are
-queued, kill -9 of a worker while a job is in inference, and Orthanc down for a while once results are flowing.
+queued, kill -9 of a worker while a job is in inference, Orthanc down for a while once results are flowing, and
+kill -9 of the exporter while results are being delivered.
 
 The run ends when every study's results are delivered, or at the timeout. It prints a table and exits 0 only if
 every acknowledged instance is in the spool and the database, every study has exactly one set of results at the
@@ -163,7 +164,7 @@ class RedisServer:
 
 @dataclass
 class Supervised:
-    """One of our processes, restarted a second after it dies (as systemd's Restart=always would)."""
+    """One of our processes, restarted a second after it dies (as deploy/systemd's Restart=on-failure would)."""
 
     name: str
     argv: list[str]
@@ -393,7 +394,8 @@ class Soak:
         self.stop_senders = threading.Event()
         self.faults = [Fault(n) for n in ("listener kill -9 during a send", "PostgreSQL restart",
                                           "Redis restart", "worker kill -9 during inference",
-                                          f"Orthanc down {config.outage_seconds:g} s")]
+                                          f"Orthanc down {config.outage_seconds:g} s",
+                                          "exporter kill -9 while delivering")]
         self.t0 = 0.0
 
     # Setting up ------------------------------------------------------------------------------------------
@@ -522,6 +524,8 @@ class Soak:
         acked_share = [self.rng.uniform(0.15, 0.6), self.rng.uniform(0.4, 0.9)]  # listener kill, PostgreSQL
         jobs_share = self.rng.uniform(0.1, 0.5)  # Redis: a share of the studies has a job
         done_share = [self.rng.uniform(0.0, 0.3), self.rng.uniform(0.2, 0.6)]  # worker kill, Orthanc down
+        exporter_share = self.rng.uniform(0.0, 0.4)  # exporter kill, preferably with a delivery in flight
+        exporter_eligible_since: float | None = None
         listener_key = self.rng.choice(sorted(self.listeners))
         pending = set(range(len(self.faults)))
         while pending and not self.stop_senders.is_set():
@@ -554,6 +558,13 @@ class Soak:
             if 4 in pending and done >= done_share[1]:
                 threading.Thread(target=self._orthanc_outage, daemon=True).start()
                 pending.discard(4)
+            exporting = counts["exports"].get("sending", 0), counts["exports"].get("pending", 0)
+            if 5 in pending and done >= exporter_share and any(exporting):
+                exporter_eligible_since = exporter_eligible_since or time.monotonic()
+                if exporting[0] or time.monotonic() - exporter_eligible_since > 5:
+                    self.exporter.kill9()
+                    self._record(5, f"{exporting[0]} export(s) sending, {exporting[1]} pending")
+                    pending.discard(5)
 
     def _record(self, index: int, detail: str) -> None:
         self.faults[index].at = self._elapsed()
@@ -643,8 +654,8 @@ class Soak:
             jobs = conn.execute(select(Job.id, Job.study_id, Job.state)).all()
             objects = conn.execute(select(ResultObject.job_id, ResultObject.sop_instance_uid)).all()
             exports = conn.execute(select(Export.id, Export.job_id, Export.state)).all()
-            successes = Counter(conn.execute(select(ExportAttempt.export_id).where(
-                ExportAttempt.outcome.in_(("delivered", "warning")))).scalars())
+            claimed_attempts = conn.execute(select(func.coalesce(func.sum(Export.attempts), 0))).scalar_one()
+            recorded_attempts = conn.execute(select(func.count()).select_from(ExportAttempt)).scalar_one()
         in_spool = {uid for uid, path in in_db.items() if (spool / path).is_file()}
         spool_files = sum(1 for p in spool.rglob("*.dcm") if p.is_file()) if spool.exists() else 0
         job_state = Counter(state for _, _, state in jobs)
@@ -662,7 +673,7 @@ class Soak:
         studies_with_results = sum(1 for uid, found in at_pacs.items() if found)
         studies_with_two_jobs_delivered = Counter(job_study[j] for j in delivered_jobs)
         export_states = Counter(state for _, _, state in exports)
-        resent = sum(n - 1 for n in successes.values() if n > 1)
+        cut_off = int(claimed_attempts) - int(recorded_attempts)  # claimed by an exporter that died before recording
         sent = sum(s.tally.sent for s in senders)
         problems = []
         lost_spool = acknowledged - in_spool
@@ -701,7 +712,7 @@ class Soak:
             ("studies with results at the PACS", f"{studies_with_results} / {len(studies)}"),
             ("result objects delivered (distinct, at the PACS)", f"{objects_delivered}"),
             ("duplicate result objects at the PACS", str(duplicates)),
-            ("objects sent again after an unrecorded delivery (same UID, no duplicate)", str(resent)),
+            ("export attempts cut off by a kill (then resent with the same UIDs)", str(cut_off)),
             ("exports dead", str(export_states.get("dead", 0))),
             ("process restarts (listeners, workers, exporter)",
              str(sum(p.starts - 1 for p in [*self.listeners.values(), *self.workers, self.exporter]))),
@@ -710,7 +721,7 @@ class Soak:
         ]
         numbers = {"total": total, "acknowledged": len(acknowledged), "lost_spool": len(lost_spool),
                    "lost_db": len(lost_db), "duplicates": duplicates, "dead": export_states.get("dead", 0),
-                   "studies_with_results": studies_with_results, "wall_seconds": wall, "resent": resent,
+                   "studies_with_results": studies_with_results, "wall_seconds": wall, "cut_off": cut_off,
                    "jobs": dict(job_state)}
         return SoakResult(rows, self.faults, problems, numbers)
 
