@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import io
 import json
 import os
@@ -160,6 +161,18 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def messages(self) -> int:
+        """Messages Redis holds for Celery now: waiting in the queues, or reserved by a worker (unacked)."""
+        import redis
+
+        try:
+            client = redis.Redis(port=self.port, socket_timeout=2)
+            with client:
+                waiting = sum(int(client.llen(queue)) for queue in ("inference", "batch", "export"))
+                return waiting + int(client.hlen("unacked"))
+        except redis.RedisError:
+            return 0
 
 
 @dataclass
@@ -505,14 +518,17 @@ class Soak:
         return {"jobs": jobs, "exports": exports, "studies": studies}
 
     def _running_job_worker(self) -> str | None:
-        """The worker name of a job in inference now (claimed, results not yet written), if any."""
+        """The worker name of a job in inference now, if any: picked up under a second ago (a job takes one to
+        two seconds here), no results written yet. An older `running` job may be one whose task Celery cancelled
+        when the broker went away, waiting for its lease: killing its worker would hit an idle process."""
         from worker.db.models import Job, JobEvent
 
+        now = dt.datetime.now(dt.UTC)
         with self.engine.connect() as conn:
             for job_id in conn.execute(select(Job.id).where(Job.state == "running")).scalars():
-                events = conn.execute(select(JobEvent.kind, JobEvent.detail).where(JobEvent.job_id == job_id)
-                                      .order_by(JobEvent.id)).all()
-                if events and events[-1][0] == "picked_up":
+                events = conn.execute(select(JobEvent.kind, JobEvent.detail, JobEvent.at)
+                                      .where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+                if events and events[-1][0] == "picked_up" and now - events[-1][2] < dt.timedelta(seconds=1):
                     return str((events[-1][1] or {}).get("worker", ""))
         return None
 
@@ -546,9 +562,11 @@ class Soak:
                 self._record(1, f"at {acked:.0%} acknowledged")
                 pending.discard(1)
             if 2 in pending and made >= jobs_share:
-                self.redis.restart()
-                self._record(2, f"with {counts['jobs'].get('queued', 0)} job(s) queued")
-                pending.discard(2)
+                waiting = self.redis.messages()  # restart when it loses something, or once every job is done
+                if waiting or done >= 1.0:
+                    self.redis.restart()
+                    self._record(2, f"{waiting} message(s) lost, {counts['jobs'].get('queued', 0)} job(s) queued")
+                    pending.discard(2)
             if 3 in pending and done >= done_share[0]:
                 with contextlib.suppress(SQLAlchemyError):
                     name = self._running_job_worker()
@@ -642,7 +660,7 @@ class Soak:
             self.stop()
 
     def _verify(self, studies: list[StudyToSend], senders: list[Any], wall: float) -> SoakResult:
-        from worker.db.models import Export, ExportAttempt, Instance, Job, ResultObject, Study
+        from worker.db.models import Export, ExportAttempt, Instance, Job, JobEvent, ResultObject, Study
 
         total = sum(len(s.datasets) for s in studies)
         acknowledged: set[str] = set().union(*(s.tally.acknowledged for s in senders))
@@ -654,6 +672,10 @@ class Soak:
             jobs = conn.execute(select(Job.id, Job.study_id, Job.state)).all()
             objects = conn.execute(select(ResultObject.job_id, ResultObject.sop_instance_uid)).all()
             exports = conn.execute(select(Export.id, Export.job_id, Export.state)).all()
+            publishes = Counter(
+                str((detail or {}).get("reason", "")).removeprefix("reconciler: ")
+                for detail in conn.execute(select(JobEvent.detail).where(JobEvent.kind == "published")).scalars()
+            )
             claimed_attempts = conn.execute(select(func.coalesce(func.sum(Export.attempts), 0))).scalar_one()
             recorded_attempts = conn.execute(select(func.count()).select_from(ExportAttempt)).scalar_one()
         in_spool = {uid for uid, path in in_db.items() if (spool / path).is_file()}
@@ -709,6 +731,8 @@ class Soak:
             ("receipts recorded (repeats included)", str(received)),
             ("studies in database", str(len(study_rows))),
             ("jobs (by state)", ", ".join(f"{k} {v}" for k, v in sorted(job_state.items()))),
+            ("job messages republished: broker lost them / lease expired",
+             f"{publishes.get('lost by the broker', 0)} / {publishes.get('lease expired', 0)}"),
             ("studies with results at the PACS", f"{studies_with_results} / {len(studies)}"),
             ("result objects delivered (distinct, at the PACS)", f"{objects_delivered}"),
             ("duplicate result objects at the PACS", str(duplicates)),
@@ -722,6 +746,7 @@ class Soak:
         numbers = {"total": total, "acknowledged": len(acknowledged), "lost_spool": len(lost_spool),
                    "lost_db": len(lost_db), "duplicates": duplicates, "dead": export_states.get("dead", 0),
                    "studies_with_results": studies_with_results, "wall_seconds": wall, "cut_off": cut_off,
+                   "republished": dict(publishes),
                    "jobs": dict(job_state)}
         return SoakResult(rows, self.faults, problems, numbers)
 
@@ -760,6 +785,10 @@ def main() -> None:
     config = SoakConfig(studies=args.studies, sagittal_slices=args.sagittal_slices, quiet_seconds=args.quiet,
                         outage_seconds=args.outage, timeout_seconds=args.timeout, seed=args.seed, keep=args.keep,
                         work=args.work)
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # so that run()'s clean-up stops every process it started
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         result = Soak(config).run()
     except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:

@@ -20,7 +20,7 @@ from intake_support import (
     wait_for,
 )
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from worker.assembly import sweep_once
 from worker.db import repository as repo
@@ -155,7 +155,7 @@ def test_a_job_whose_worker_died_is_republished_although_its_message_is_still_re
     migrate_to_head(pg_url)
     settings = make_settings(
         tmp_path / "var", database_url=pg_url, broker_url=redis_space.url, redis_key_prefix=redis_space.prefix,
-        reconcile_grace_seconds=0.0,
+        reconcile_grace_seconds=60.0,  # the lease, not the grace, decides
     )
     with Service(settings, listen=False, sweep=False, reconcile=False, processor=record_pickup_only) as svc:
         assert svc.publisher is not None and svc.sessions is not None
@@ -174,3 +174,27 @@ def test_a_job_whose_worker_died_is_republished_although_its_message_is_still_re
             events = [(e.kind, (e.detail or {}).get("reason")) for e in repo.job_events(session, job_id)]
         assert ("lease_expired", None) in events
         assert events[-1] == ("published", "reconciler: lease expired")
+
+
+def test_a_job_just_assembled_is_left_to_its_sweeper_for_the_grace_period(
+    tmp_path: Path,
+    pg_url: str,
+    redis_space: RedisSpace,
+) -> None:
+    """The sweeper commits a job, then publishes it; a reconciler pass in between must not publish it too."""
+    migrate_to_head(pg_url)
+    settings = make_settings(
+        tmp_path / "var", database_url=pg_url, broker_url=redis_space.url, redis_key_prefix=redis_space.prefix,
+        reconcile_grace_seconds=60.0,
+    )
+    with Service(settings, listen=False, sweep=False, reconcile=False, processor=record_pickup_only) as svc:
+        assert svc.sessions is not None
+        (job_id,) = _make_jobs(svc, 1)  # queued, not yet published
+        assert svc.reconcile() == 0
+        with svc.sessions.begin() as session:  # a minute later it is still unpublished: the sweeper died
+            session.execute(update(Job).where(Job.id == job_id).values(
+                updated_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=61)))
+        assert svc.reconcile() == 1
+        with svc.sessions() as session:
+            events = [(e.kind, (e.detail or {}).get("reason")) for e in repo.job_events(session, job_id)]
+        assert events[-1] == ("published", "reconciler: never published")

@@ -8,7 +8,7 @@ UPDATEs or INSERT ... ON CONFLICT, which behave the same on PostgreSQL and SQLit
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -399,13 +399,17 @@ class QueuedJob:
 
 
 def queued_jobs_published_before(
-    session: Session, *, cutoff: dt.datetime, limit: int = 1000
+    session: Session, *, cutoff: dt.datetime, also: Collection[int] = (), limit: int = 1000
 ) -> list[QueuedJob]:
+    """Queued jobs last published before `cutoff` (or never, and untouched since), and the queued jobs `also`."""
     rows = session.execute(
         select(Job.id, Job.queue, Job.published_at)
         .where(
             Job.state == JobState.QUEUED.value,
-            Job.published_at.is_(None) | (Job.published_at <= cutoff),
+            # Never published: give the sweeper that just made it the same grace to publish it itself.
+            (Job.published_at.is_(None) & (Job.updated_at <= cutoff))
+            | (Job.published_at <= cutoff)
+            | Job.id.in_(list(also)),
         )
         .order_by(Job.id)
         .limit(limit)

@@ -119,7 +119,7 @@ def reconcile_once(
         expired = repo.requeue_expired_leases(session, now=now)
     with sessions() as session:
         candidates = repo.queued_jobs_published_before(
-            session, cutoff=now - dt.timedelta(seconds=grace_seconds)
+            session, cutoff=now - dt.timedelta(seconds=grace_seconds), also=expired
         )
     if not candidates:
         return ReconcileReport(tuple(expired), ())
