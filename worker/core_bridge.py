@@ -6,6 +6,7 @@ model once per process, and analysing one study's files into plain values the re
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 import time
@@ -18,6 +19,8 @@ import pydicom
 import typer
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+log = logging.getLogger("worker.model")
 
 
 def register_research_commands(app: typer.Typer) -> None:
@@ -45,6 +48,40 @@ class ModelUnavailable(Exception):
 
 class ModelOutOfMemory(Exception):
     """The device ran out of memory during inference; another try may find it free."""
+
+
+class DeviceUnavailable(Exception):
+    """The model device asked for (``cuda``) is not usable by this process's torch."""
+
+
+def resolve_device(requested: str) -> str:
+    """The device ccfnet_core's Predictor puts the model on for ``requested`` (auto, cpu or cuda): ``cuda`` when
+    torch sees a CUDA device, else ``cpu``. DeviceUnavailable when ``cuda`` is asked for and there is none.
+
+    Counted with ``torch.cuda.device_count()``, which asks NVML and leaves CUDA uninitialised in this process: the
+    parent of a prefork worker must not initialise it, or its forked children could not use the GPU.
+    """
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.device_count() > 0:
+        return "cuda"
+    if requested == "cuda":
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+        raise DeviceUnavailable(f"torch {torch.__version__} ({build}) sees no CUDA device")
+    return "cpu"
+
+
+def _device_label(device: object) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H200)``: called where the model is loaded, so CUDA is initialised already."""
+    import torch
+
+    assert isinstance(device, torch.device)
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 @dataclass(frozen=True)
@@ -96,6 +133,7 @@ class StudyAnalysis:
     heatmaps: np.ndarray | None
     model: ModelIdentity
     seconds: float
+    device: str  # where the model ran: cpu, or cuda:N (GPU name)
     skipped_files: tuple[str, ...] = ()  # unreadable files of the study that the choice did without
 
 
@@ -118,9 +156,15 @@ def _predictor(path: Path, device: str) -> object:
     with _models_lock:
         if key not in _models:
             try:
-                _models[key] = Predictor.from_checkpoint(path, device)
+                resolve_device(device)
+            except DeviceUnavailable as exc:
+                raise ModelUnavailable(f"model device {device}: {exc}") from exc
+            try:
+                predictor = Predictor.from_checkpoint(path, device)
             except CheckpointError as exc:
                 raise ModelUnavailable(str(exc)) from exc
+            log.info("model %s loaded on %s", path, _device_label(predictor.device))
+            _models[key] = predictor
         return _models[key]
 
 
@@ -242,6 +286,7 @@ def analyse_files(
         heatmaps=heatmaps,
         model=identity,
         seconds=seconds,
+        device=_device_label(predictor.device),
         skipped_files=tuple(skipped),
     )
 

@@ -1,5 +1,6 @@
 """What ``ccfnet config show`` and ``ccfnet config check`` report: settings with secrets masked, and
-whether the database, broker, spool and each destination are reachable."""
+whether the database, broker, spool and each destination are reachable, the listener's TLS files readable and
+the model's checkpoint and device there."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from worker.db.engine import safe_url
-from worker.settings import ENV_PREFIX, DicomDestination, DicomWebDestination, Settings
+from worker.settings import ENV_PREFIX, DicomDestination, DicomWebDestination, Settings, SettingsError
 
 MASK = "**********"
 _URL_FIELDS = {"database_url", "broker_url"}
@@ -176,7 +177,62 @@ def check_destination(settings: Settings, dest: DicomDestination | DicomWebDesti
     return Check(f"destination {dest.name}", ok, f"{dest.url}: HTTP {response.status_code}")
 
 
+def model_device(settings: Settings) -> str:
+    """The device a worker on this host runs the model on (``cpu`` or ``cuda``, ``auto`` resolved as inference
+    resolves it); SettingsError naming CCFNET_MODEL_DEVICE when it asks for a device that is not there."""
+    from worker import core_bridge
+
+    try:
+        return core_bridge.resolve_device(settings.model_device)
+    except core_bridge.DeviceUnavailable as exc:
+        raise SettingsError(f"{ENV_PREFIX}MODEL_DEVICE={settings.model_device}: {exc}") from exc
+
+
+def check_model(settings: Settings) -> Check:
+    from worker.inference import model_path
+
+    path = model_path(settings)
+    try:
+        device = model_device(settings)
+    except SettingsError as exc:
+        return Check("model", False, str(exc))
+    if not path.is_file():
+        return Check("model", False, f"{path}: no such checkpoint")
+    return Check("model", True, f"{path} on {device}")
+
+
+TLS_FILE_SETTINGS = ("tls_cert", "tls_key", "tls_ca")
+
+
+def tls_file_problems(settings: Settings) -> list[str]:
+    """With TLS on, each listener TLS setting that names no readable file (``CCFNET_TLS_CERT=/x.crt: no such
+    file``); none with TLS off."""
+    problems: list[str] = []
+    if not settings.tls_enabled:
+        return problems
+    for name in TLS_FILE_SETTINGS:
+        path = getattr(settings, name)
+        if path is None:
+            continue
+        where = f"{ENV_PREFIX}{name.upper()}={path}"
+        if not path.exists():
+            problems.append(f"{where}: no such file")
+        elif not path.is_file():
+            problems.append(f"{where}: not a file")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"{where}: not readable")
+    return problems
+
+
+def check_tls(settings: Settings) -> Check:
+    if not settings.tls_enabled:
+        return Check("tls", True, f"off ({ENV_PREFIX}TLS_CERT unset)")
+    problems = tls_file_problems(settings)
+    return Check("tls", not problems, "; ".join(problems) or "on, every file readable")
+
+
 def run_checks(settings: Settings) -> list[Check]:
-    checks = [check_database(settings), check_broker(settings), check_spool(settings)]
+    checks = [check_database(settings), check_broker(settings), check_spool(settings), check_tls(settings),
+              check_model(settings)]
     checks.extend(check_destination(settings, d) for d in settings.destinations)
     return checks

@@ -218,7 +218,7 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     detail: dict[str, Any] = {
         "series_uid": analysis.series_uid, "source_sop_instance_uid": analysis.centre_sop_instance_uid,
         "selection": analysis.selection_reason, "objects": len(written),
-        "inference_seconds": round(analysis.seconds, 3), "model": analysis.model.path,
+        "inference_seconds": round(analysis.seconds, 3), "device": analysis.device, "model": analysis.model.path,
     }
     if analysis.skipped_files:
         detail["unreadable_files"] = list(analysis.skipped_files[:20])

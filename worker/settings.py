@@ -173,11 +173,12 @@ class Settings(BaseSettings):
     export_backoff_seconds: float = Field(default=30.0, gt=0)  # first retry; doubles per attempt, jittered
     export_backoff_max_seconds: float = Field(default=3600.0, gt=0)
 
-    # Operations HTTP: the ops page and /metrics. Unset port: no HTTP server (``ccfnet serve`` uses 8080).
+    # Operations HTTP: the ops page, /metrics and STOW-RS. Unset port: ``ccfnet serve`` uses 8080 (an in-process
+    # Service, as the tests start it, then serves no HTTP). http_bind is also where a worker's /metrics listens.
     http_port: int | None = Field(default=None, ge=0, le=65535)
     http_bind: str = "127.0.0.1"
     ops_token: SecretStr | None = None  # when set, every route but /metrics needs it
-    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)  # ``ccfnet worker``'s /metrics
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)  # ``ccfnet worker``'s, on http_bind
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -82,7 +82,10 @@ def test_results_are_stored_per_job_handed_to_export_and_not_redone_on_a_retry(
             findings = list(repo.findings_for_job(session, ctx.job_id))
             objects = list(repo.result_objects_for_job(session, ctx.job_id))
             exports = list(repo.exports_for_job(session, ctx.job_id))
+            written = next(e.detail for e in repo.job_events(session, ctx.job_id) if e.kind == "results_written")
     assert again.state is JobState.SUCCEEDED and again.detail == {"objects": 3, "from_earlier_attempt": True}
+    # The device that ran: "cpu" here; "cuda:0 (<GPU name>)" on a GPU host.
+    assert written is not None and str(written["device"]).startswith(core_bridge.resolve_device("auto"))
     assert len(findings) == 11 and {f.label for f in findings} <= {"v1", "v2"}
     assert len(objects) == 3 and sorted(e.result_object_id for e in exports) == sorted(o.id for o in objects)
     results = svc.settings.data_dir / "results"

@@ -29,7 +29,8 @@ def show(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
 
 @config_app.command("check")
 def check(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Check the database, the broker, the spool folder and each destination; exit 1 if any fails."""
+    """Check the database, the broker, the spool folder, the TLS files, the model and each destination; exit 1
+    if any fails."""
     from worker.diagnostics import run_checks
 
     checks = run_checks(load_settings())

@@ -8,7 +8,7 @@ from types import FrameType
 
 import typer
 
-from worker.commands.common import EXIT_SCHEMA, configure_logging, load_settings
+from worker.commands.common import EXIT_CONFIG, EXIT_SCHEMA, configure_logging, load_settings
 
 DEFAULT_HTTP_PORT = 8080
 
@@ -24,9 +24,14 @@ def serve(
 ) -> None:
     """Receive DICOM studies, assemble them into jobs and queue them."""
     from worker.db.migrate import SchemaOutdatedError
+    from worker.diagnostics import tls_file_problems
     from worker.service import Service
 
     settings = load_settings(port=port, http_port=http_port)
+    problems = tls_file_problems(settings)
+    if problems:  # a missing file would otherwise end start-up in a traceback, and systemd would restart it
+        typer.echo(f"invalid configuration: {'; '.join(problems)}", err=True)
+        raise typer.Exit(EXIT_CONFIG)
     if settings.http_port is None:
         settings = settings.model_copy(update={"http_port": DEFAULT_HTTP_PORT})
     configure_logging(settings.log_level)

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
 import typer
 
-from worker.commands.common import EXIT_SCHEMA, configure_logging, load_settings
+from worker.commands.common import EXIT_CONFIG, EXIT_SCHEMA, configure_logging, load_settings
+from worker.settings import Settings, SettingsError
+
+log = logging.getLogger("worker.commands.worker")
+# The queues whose tasks run the model; an export-only worker never loads it.
+MODEL_QUEUES = ("inference", "batch")
+
+
+def _say_model_device(settings: Settings) -> None:
+    """Log which checkpoint runs on which device; exit 2 when CCFNET_MODEL_DEVICE asks for one that is not here
+    (rather than fail every job once studies arrive)."""
+    from worker.diagnostics import model_device
+    from worker.inference import model_path
+
+    try:
+        device = model_device(settings)
+    except SettingsError as exc:
+        typer.echo(f"invalid configuration: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+    log.info("model %s on %s", model_path(settings), device)
 
 
 def worker(
@@ -28,7 +48,9 @@ def worker(
     unknown = sorted(set(chosen) - set(QUEUES))
     if unknown or not chosen:
         typer.echo(f"unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_CONFIG)
+    if set(chosen) & set(MODEL_QUEUES):
+        _say_model_device(settings)
     engine = make_engine(settings.effective_database_url)
     try:
         ensure_schema(engine, apply=settings.uses_sqlite)
@@ -42,7 +64,12 @@ def worker(
 
         if pool == "prefork" and not os.environ.get(MULTIPROC_ENV):
             typer.echo(f"warning: set {MULTIPROC_ENV} so /metrics sums the prefork children", err=True)
-        serve_worker_metrics(settings.worker_metrics_port)
+        try:
+            serve_worker_metrics(settings.worker_metrics_port, settings.http_bind)
+        except OSError as exc:  # the port is taken, typically by another worker reading the same env file
+            typer.echo(f"invalid configuration: CCFNET_WORKER_METRICS_PORT={settings.worker_metrics_port}: cannot "
+                       f"listen on {settings.http_bind}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(EXIT_CONFIG) from exc
     app = make_celery(settings)
     app.set_default()  # the threads and solo pools look tasks up in the default app
     app.worker_main(

@@ -145,8 +145,9 @@ def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-def serve_worker_metrics(port: int, address: str = "0.0.0.0") -> None:
-    """``ccfnet worker``'s ``/metrics`` (counters and the inference histogram, no database gauges)."""
+def serve_worker_metrics(port: int, address: str) -> None:
+    """``ccfnet worker``'s ``/metrics`` (counters and the inference histogram, no database gauges), on the
+    address of the listener's ops page (CCFNET_HTTP_BIND). OSError when the port is taken."""
     from prometheus_client import start_http_server
 
     start_http_server(port, addr=address, registry=process_registry())
