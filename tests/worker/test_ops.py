@@ -117,6 +117,50 @@ def test_status_json_matches_the_database_and_the_broker(scripted: dict[str, Any
     assert failures == [(scripted["jobs"][3], "model exploded")]
     assert [d["export"] for d in status["dead_exports"]] == list(dead) and len(dead) == 1
     assert status["exports_by_state"] == {"dead": 1}
+    assert status["paused_queues"] == []
+
+
+def test_status_of_a_fresh_install_prints_no_empty_values(tmp_path: Path, pg_url: str, redis_space: RedisSpace) -> None:
+    migrate_to_head(pg_url)
+    env = {"CCFNET_DATABASE_URL": pg_url, "CCFNET_BROKER_URL": redis_space.url,
+           "CCFNET_REDIS_KEY_PREFIX": redis_space.prefix, "CCFNET_DATA_DIR": str(tmp_path / "var")}
+    result = CliRunner().invoke(app, ["status"], env=env)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "queues:   inference 0  export 0  batch 0",
+        "jobs:     none",
+        "waiting:  0 studies; oldest queued job none",
+        "last hour: 0 succeeded, 0 failed",
+        "exports:  none",
+    ]
+
+
+def test_a_queue_paused_from_the_cli_shows_in_status_and_resuming_publishes_its_queued_job(
+    scripted: dict[str, Any]
+) -> None:
+    runner, env, sessions = CliRunner(), scripted["env"], scripted["sessions"]
+    queued = scripted["jobs"][0]
+    refused = runner.invoke(app, ["queue", "pause", "export"], env=env)
+    assert refused.exit_code == 2 and "cannot be paused" in refused.output
+    paused = runner.invoke(app, ["queue", "pause", "inference"], env=env)
+    assert paused.exit_code == 0 and paused.output == "queue inference paused\n"
+    assert json.loads(runner.invoke(app, ["status", "--json"], env=env).output)["paused_queues"] == ["inference"]
+    text = runner.invoke(app, ["status"], env=env).output
+    assert text.splitlines()[0] == "queues:   inference 1 (paused)  export 0  batch 0"
+
+    with sessions() as session:
+        job = session.get(Job, queued)
+        assert job is not None
+        published_before = job.publish_count
+    resumed = runner.invoke(app, ["queue", "resume", "inference"], env=env)
+    assert resumed.exit_code == 0 and resumed.output == "queue inference resumed; 1 queued job(s) published\n"
+    with sessions() as session:
+        job = session.get(Job, queued)
+        assert job is not None and job.publish_count == published_before + 1
+        assert repo.paused_queues(session) == set()
+    client = redis.Redis.from_url(scripted["redis"].url)
+    assert client.llen(scripted["redis"].prefix + "inference") == 2  # the first message and the new one
+    assert "(paused)" not in runner.invoke(app, ["status"], env=env).output
 
 
 def test_jobs_list_has_every_job_with_its_study_and_show_has_its_record(scripted: dict[str, Any]) -> None:

@@ -24,8 +24,10 @@ from intake_support import (
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 
+from worker.db import repository as repo
 from worker.queue.processing import record_pickup_only
 from worker.service import Service
+from worker.timeutil import utcnow
 
 pytestmark = pytest.mark.services
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +60,9 @@ def test_metrics_scraped_before_and_after_intake_show_the_counters_moving(
         ae.add_requested_context(f.MR_IMAGE_STORAGE)
         refused = ae.associate("127.0.0.1", svc.port, ae_title="SOMEONE_ELSE")
         assert refused.is_rejected
+        assert svc.sessions is not None
+        with svc.sessions.begin() as session:
+            repo.set_queue_paused(session, "batch", paused=True, now=utcnow())
         after = scrape(svc.http_port)
 
     def moved(name: str, **labels: str) -> float:
@@ -72,6 +77,8 @@ def test_metrics_scraped_before_and_after_intake_show_the_counters_moving(
     assert after[("ccfnet_studies_waiting", ())] == 1
     assert after[("ccfnet_database_up", ())] == 1
     assert ("ccfnet_inference_seconds_count", ()) in after
+    paused = {queue: after[("ccfnet_queue_paused", (("queue", queue),))] for queue in ("inference", "batch")}
+    assert paused == {"inference": 0, "batch": 1}
 
 
 _CHILD = """

@@ -1,4 +1,5 @@
-"""`ccfnet status`, `ccfnet jobs list|show`, `ccfnet reprocess`: thin commands over worker.ops."""
+"""`ccfnet status`, `ccfnet jobs list|show`, `ccfnet queue pause|resume`, `ccfnet reprocess`: thin commands over
+worker.ops."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
 jobs_app = typer.Typer(help="List jobs and show one job's whole record.", no_args_is_help=True)
+queue_app = typer.Typer(help="Pause or resume the inference and batch queues (every worker honours it).",
+                        no_args_is_help=True)
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -50,9 +53,14 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
 
 
+def _counts(by_state: dict[str, int]) -> str:
+    return "  ".join(f"{s} {n}" for s, n in sorted(by_state.items())) or "none"
+
+
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Queue depth, jobs by state, oldest waiting study and job, throughput, failures, dead exports."""
-    from worker.ops.status import collect_status
+    """Queue depth, paused queues, jobs by state, oldest waiting study and job, throughput, failures, dead
+    exports."""
+    from worker.ops.status import age_text, collect_status
     from worker.timeutil import utcnow
 
     with _database() as (settings, sessions), sessions() as session:
@@ -60,13 +68,18 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo("queues:   " + "  ".join(f"{q} {n if n is not None else '?'}" for q, n in report["queues"].items()))
-    typer.echo("jobs:     " + "  ".join(f"{s} {n}" for s, n in sorted(report["jobs_by_state"].items())))
-    typer.echo(f"waiting:  {report['studies_waiting']} studies (oldest {report['oldest_waiting_study_seconds']} s);"
-               f" oldest queued job {report['oldest_queued_job_seconds']} s")
+    typer.echo("queues:   " + "  ".join(
+        f"{q} {n if n is not None else '?'}{' (paused)' if q in report['paused_queues'] else ''}"
+        for q, n in report["queues"].items()
+    ))
+    typer.echo("jobs:     " + _counts(report["jobs_by_state"]))
+    oldest_study = report["oldest_waiting_study_seconds"]
+    typer.echo(f"waiting:  {report['studies_waiting']} studies"
+               + (f" (oldest {age_text(oldest_study)})" if oldest_study is not None else "")
+               + f"; oldest queued job {age_text(report['oldest_queued_job_seconds'])}")
     hour = report["throughput_last_hour"]
     typer.echo(f"last hour: {hour['succeeded']} succeeded, {hour['failed']} failed")
-    typer.echo("exports:  " + "  ".join(f"{s} {n}" for s, n in sorted(report["exports_by_state"].items())))
+    typer.echo("exports:  " + _counts(report["exports_by_state"]))
     for failure in report["recent_failures"][:5]:
         typer.echo(f"  failed job {failure['job']}: {failure['reason']}")
     for dead in report["dead_exports"][:5]:
@@ -248,7 +261,37 @@ def _pull_from_pacs(
     return wanted
 
 
+def _set_paused(queue: str, paused: bool) -> None:
+    from worker.ops.queues import set_queue_paused
+    from worker.queue.celery_app import make_celery
+    from worker.timeutil import utcnow
+
+    with _database() as (settings, sessions):
+        app = make_celery(settings)
+        try:
+            published = set_queue_paused(sessions, app, queue, paused=paused, clock=utcnow)
+        except ValueError as exc:  # not a pausable queue
+            _fail(str(exc))
+        finally:
+            app.close()
+    typer.echo(f"queue {queue} {'paused' if paused else 'resumed'}"
+               + (f"; {len(published)} queued job(s) published" if published else ""))
+
+
+@queue_app.command("pause")
+def queue_pause(queue: str = typer.Argument(..., help="inference or batch")) -> None:
+    """Stop workers taking jobs from the queue (running jobs finish; new ones wait, queued)."""
+    _set_paused(queue, True)
+
+
+@queue_app.command("resume")
+def queue_resume(queue: str = typer.Argument(..., help="inference or batch")) -> None:
+    """Let workers take jobs from the queue again; its queued jobs are published at once."""
+    _set_paused(queue, False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("status")(status)
     app.add_typer(jobs_app, name="jobs")
+    app.add_typer(queue_app, name="queue")
     app.command("reprocess")(reprocess)

@@ -3,7 +3,7 @@
 Counters live in prometheus-client's default registry. With ``PROMETHEUS_MULTIPROC_DIR`` set (required for a
 prefork Celery worker, whose children do the work) prometheus-client writes them to files in that folder and a
 scrape sums them through ``MultiProcessCollector``. The gauges (studies waiting, jobs by state, age of the
-oldest queued job) are computed at scrape time from :func:`worker.ops.status.collect_status`, so every
+oldest queued job, paused queues) are computed at scrape time from :func:`worker.ops.status.collect_status`, so every
 process that serves ``/metrics`` reports the same database truth and nothing needs to be kept in step.
 
 Labels carry outcomes and reasons only, never UIDs or patient data.
@@ -87,6 +87,7 @@ class DatabaseCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         from sqlalchemy.exc import SQLAlchemyError
 
+        from worker.ops.queues import PAUSABLE_QUEUES
         from worker.ops.status import collect_status
 
         up = GaugeMetricFamily(f"{NAMESPACE}_database_up", "1 when the status gauges could be read.")
@@ -116,6 +117,10 @@ class DatabaseCollector(Collector):
             if count is not None:
                 depth.add_metric([queue], count)
         yield depth
+        paused = GaugeMetricFamily(f"{NAMESPACE}_queue_paused", "1 while the queue is paused.", labels=["queue"])
+        for queue in PAUSABLE_QUEUES:
+            paused.add_metric([queue], 1 if queue in status["paused_queues"] else 0)
+        yield paused
         exports = GaugeMetricFamily(f"{NAMESPACE}_exports", "Exports by state.", labels=["state"])
         for state, count in sorted(status["exports_by_state"].items()):
             exports.add_metric([state], count)

@@ -1,4 +1,5 @@
-"""What operations staff look at: queue depth, jobs by state, ages, throughput, failures, dead exports."""
+"""What operations staff look at: queue depth, paused queues, jobs by state, ages, throughput, failures, dead
+exports."""
 
 from __future__ import annotations
 
@@ -52,12 +53,18 @@ def _age(now: dt.datetime, since: dt.datetime | None) -> float | None:
     return round((now - since).total_seconds(), 1) if since else None
 
 
+def age_text(seconds: float | None) -> str:
+    """An age for people: ``42 s``, or ``none`` when there is nothing to be old."""
+    return "none" if seconds is None else f"{seconds:.0f} s"
+
+
 def collect_status(settings: Settings, session: Session, now: dt.datetime) -> dict[str, Any]:
     waiting, oldest_study = repo.waiting_studies(session)
     hour_ago = now - dt.timedelta(hours=1)
     return {
         "at": now.isoformat(timespec="seconds"),
         "queues": queue_depths(settings),
+        "paused_queues": sorted(repo.paused_queues(session)),
         "jobs_by_state": repo.job_state_counts(session),
         "studies_waiting": waiting,
         "oldest_waiting_study_seconds": _age(now, oldest_study),

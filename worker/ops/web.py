@@ -31,7 +31,8 @@ from worker.db import repository as repo
 from worker.db.models import JobState
 from worker.listener.handlers import IntakeContext
 from worker.ops import metrics
-from worker.ops.status import collect_status
+from worker.ops.queues import PAUSABLE_QUEUES, set_queue_paused
+from worker.ops.status import age_text, collect_status
 from worker.ops.stowrs import router as stow_router
 from worker.settings import Settings
 from worker.timeutil import Clock, utcnow
@@ -41,8 +42,6 @@ log = logging.getLogger("worker.ops.web")
 TOKEN_COOKIE = "ccfnet_ops_token"
 UNPROTECTED_PREFIXES = ("/metrics", "/dicomweb/")
 JOB_STATES = tuple(s.value for s in JobState)
-# The job queues, whose task checks `queue_controls` before claiming; export sends are not paused.
-PAUSABLE_QUEUES = ("inference", "batch")
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}
@@ -73,10 +72,6 @@ def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], *, table_id: s
 
 def _when(value: dt.datetime | None) -> str:
     return escape(value.isoformat(timespec="seconds")) if value else ""
-
-
-def _seconds(value: float | None) -> str:
-    return "none" if value is None else f"{value:.0f} s"
 
 
 def _state(value: str) -> str:
@@ -143,15 +138,13 @@ def create_app(
             raise HTTPException(400, f"unknown state {state!r}")
         with sessions() as session:
             status = collect_status(settings, session, clock())
-            paused = repo.paused_queues(session)
             jobs = repo.list_jobs(session, state=state, limit=200)
-        return _page("ccfnet-worker operations", _overview(status, paused) + _jobs(jobs, state))
+        return _page("ccfnet-worker operations", _overview(status) + _jobs(jobs, state))
 
     @app.get("/status.json")
     def status_json() -> Response:
         with sessions() as session:
             status = collect_status(settings, session, clock())
-            status["paused_queues"] = sorted(repo.paused_queues(session))
         return Response(json.dumps(status), media_type="application/json")
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse)
@@ -195,15 +188,7 @@ def create_app(
     def _set_paused(queue: str, paused: bool, request: Request) -> RedirectResponse:
         if queue not in PAUSABLE_QUEUES:
             raise HTTPException(404, f"no pausable queue {queue!r}")
-        with sessions.begin() as session:
-            repo.set_queue_paused(session, queue, paused=paused, now=clock())
-            waiting = repo.queued_jobs_of_queue(session, queue) if not paused else []
-        if waiting:  # their messages were dropped while paused: publish them now rather than at the reconciler
-            from worker.queue.publish import JobPublisher
-
-            publisher = JobPublisher(celery, sessions, clock)
-            for job_id in waiting:
-                publisher.publish(job_id, queue, reason="queue resumed")
+        set_queue_paused(sessions, celery, queue, paused=paused, clock=clock)
         log.warning("queue %s %s from the ops page", queue, "paused" if paused else "resumed")
         return _back(request, "/")
 
@@ -230,10 +215,10 @@ def _back(request: Request, default: str) -> RedirectResponse:
     return RedirectResponse(url.path + (f"?{query}" if query else ""), status_code=303)
 
 
-def _overview(status: dict[str, Any], paused: set[str]) -> str:
+def _overview(status: dict[str, Any]) -> str:
     queue_rows = []
     for queue, depth in status["queues"].items():
-        is_paused = queue in paused
+        is_paused = queue in status["paused_queues"]
         verb = "resume" if is_paused else "pause"
         action = (_button(f"/queue/{queue}/{verb}", verb.capitalize(), button_id=f"{verb}-{queue}")
                   if queue in PAUSABLE_QUEUES else "")
@@ -244,7 +229,7 @@ def _overview(status: dict[str, Any], paused: set[str]) -> str:
     state_rows = [[_state(s), str(n)] for s, n in sorted(status["jobs_by_state"].items())]
     cards = (
         f'<div class="cards"><div class="card">Studies waiting: <b id="studies-waiting">{status["studies_waiting"]}'
-        f'</b></div><div class="card">Oldest queued job: <b>{_seconds(status["oldest_queued_job_seconds"])}</b></div>'
+        f'</b></div><div class="card">Oldest queued job: <b>{age_text(status["oldest_queued_job_seconds"])}</b></div>'
         f'<div class="card">Last hour: <b>{status["throughput_last_hour"]["succeeded"]}</b> succeeded, '
         f'<b>{status["throughput_last_hour"]["failed"]}</b> failed</div></div>'
     )
