@@ -366,6 +366,20 @@ def test_example_env_lists_every_setting_and_loads(monkeypatch: pytest.MonkeyPat
     assert settings.destinations
 
 
+def test_env_file_lines_in_deploy_and_docs_have_no_comment_after_the_value() -> None:
+    """systemd's EnvironmentFile= (and the install guide's helper) keep a trailing "# ..." as part of the value:
+    a copied example line must not carry one. Commented-out settings count, they are there to be uncommented."""
+    trailing = re.compile(r"^#?(?:CCFNET_[A-Z0-9_]+|PROMETHEUS_MULTIPROC_DIR)=.*\s#")
+    files = [EXAMPLE_ENV, ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}: {line}"
+        for path in files
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if trailing.match(line)
+    ]
+    assert offenders == []
+
+
 def test_cli_help_lists_the_service_commands() -> None:
     assert {"serve", "worker", "db", "config", "retry-exports", "demo"} <= _help_commands()
 
@@ -403,6 +417,45 @@ def test_systemd_unit_is_hardened_and_runs_a_real_command(path: Path) -> None:
     argv = _ccfnet_argv(service["ExecStart"])
     assert argv, f"ExecStart does not run ccfnet: {service['ExecStart']}"
     assert argv[0] in _help_commands()
+
+
+def _unit_environment(path: Path, instance: str) -> dict[str, str]:
+    """Every Environment= assignment of a unit (configparser keeps only the last line), %i as `instance`."""
+    env: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("Environment="):
+            for assignment in shlex.split(line.removeprefix("Environment=").replace("%i", instance)):
+                key, _, value = assignment.partition("=")
+                env[key] = value
+    return env
+
+
+def test_each_systemd_worker_has_its_own_metrics_port_and_prometheus_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shared port stops every worker but the first; without PROMETHEUS_MULTIPROC_DIR the prefork children's
+    counters never reach /metrics. The env file must not set them: EnvironmentFile= overrides Environment=."""
+    example = _parse_env(EXAMPLE_ENV)
+    assert "CCFNET_WORKER_METRICS_PORT" not in example and "PROMETHEUS_MULTIPROC_DIR" not in example
+    ports: dict[str, int] = {}
+    folders: dict[str, str] = {}
+    for path in UNIT_FILES:
+        service = _unit(path)["Service"]
+        argv = _ccfnet_argv(service["ExecStart"])
+        if argv is None or argv[0] != "worker":
+            continue
+        for instance in [str(gpu) for gpu in range(10)] if path.name.endswith("@.service") else [""]:
+            name = path.name.replace("@", f"@{instance}")
+            env = _unit_environment(path, instance)
+            settings = _settings(example | {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}, monkeypatch)
+            assert settings.worker_metrics_port is not None, name
+            assert _is_loopback(settings.http_bind), f"{name}: /metrics would listen on {settings.http_bind}"
+            ports[name] = settings.worker_metrics_port
+            # An empty folder at each start, writable under ProtectSystem=strict: the unit's RuntimeDirectory.
+            folders[name] = env.get("PROMETHEUS_MULTIPROC_DIR", "")
+            assert folders[name] == "/run/" + service["RuntimeDirectory"].replace("%i", instance), name
+    assert {"ccfnet-export.service", "ccfnet-worker@0.service", "ccfnet-worker@9.service"} <= set(ports)
+    listener_http = int(example.get("CCFNET_HTTP_PORT") or DEFAULT_HTTP_PORT)
+    assert len(set(ports.values())) == len(ports) and listener_http not in ports.values(), ports
+    assert len(set(folders.values())) == len(folders), folders
 
 
 # --- Dockerfiles -----------------------------------------------------------------------------------------
