@@ -168,6 +168,30 @@ def test_k8s_objects_have_api_version_kind_and_name(path: Path) -> None:
             assert doc["metadata"].get("namespace") == "ccfnet", f"{doc['kind']} {doc['metadata']['name']}"
 
 
+# The oldest Kubernetes release still in upstream support when this was written, and the newest the
+# validator knows: the manifests must hold for both.
+K8S_VERSIONS = ("1.32", "1.37")
+CUSTOM_RESOURCE_GROUPS = ("keda.sh/",)  # KEDA's CRDs: not in the Kubernetes schema, checked below by hand
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_objects_validate_strictly_against_the_kubernetes_schema(version: str) -> None:
+    """OpenAPI schema of that Kubernetes release, strict: a misspelt or misplaced field fails (kubectl-free)."""
+    import kubernetes_validate
+
+    checked = 0
+    for obj in _k8s_objects():
+        if obj["apiVersion"].startswith(CUSTOM_RESOURCE_GROUPS):
+            continue
+        kubernetes_validate.validate(obj, version, strict=True)
+        checked += 1
+    assert checked >= 8
+    listener = next(o for o in _k8s_objects() if o["kind"] == "Deployment")
+    broken = {**listener, "spec": {**listener["spec"], "replica": 2}}  # the validator does catch a typo
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
 def test_k8s_has_every_required_kind() -> None:
     kinds = {o["kind"] for o in _k8s_objects()}
     assert {
