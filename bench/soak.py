@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "worker"))
 
 import httpx  # noqa: E402
+from orthanc import ORTHANC, OUR_MODALITY, Orthanc, free_port  # noqa: E402  (tests/worker/orthanc.py)
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.filewriter import dcmwrite  # noqa: E402
 from pynetdicom import AE  # noqa: E402
@@ -57,12 +58,6 @@ from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 RESULT_MODALITIES = ("SR", "PR", "KO", "SEG", "OT")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.2) -> None:
@@ -395,8 +390,6 @@ def make_studies(config: SoakConfig) -> list[StudyToSend]:
 
 class Soak:
     def __init__(self, config: SoakConfig) -> None:
-        from orthanc import ORTHANC
-
         if ORTHANC is None:
             raise RuntimeError("Orthanc is not installed")
         self.config = config
@@ -445,8 +438,6 @@ class Soak:
         return env
 
     def start(self, studies: list[StudyToSend]) -> None:
-        from orthanc import OUR_MODALITY, Orthanc
-
         self.pg = PostgresCluster()
         self.pg.start()
         self.redis = RedisServer(self.work)

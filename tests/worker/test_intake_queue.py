@@ -28,6 +28,7 @@ from worker.db.models import Job, JobEvent
 from worker.queue.processing import record_pickup_only
 from worker.queue.reconciler import RedisInspector
 from worker.service import EmbeddedService, EmbeddedWorker, Service
+from worker.settings import Settings
 
 pytestmark = pytest.mark.services
 
@@ -59,19 +60,27 @@ def _make_jobs(svc: Service, count: int) -> list[int]:
     return [j.job_id for j in made]
 
 
+def _queue_settings(tmp_path: Path, pg_url: str, redis_space: RedisSpace, grace: float) -> Settings:
+    """A migrated private database and Redis key space, with this reconcile grace period."""
+    migrate_to_head(pg_url)
+    return make_settings(
+        tmp_path / "var", database_url=pg_url, broker_url=redis_space.url, redis_key_prefix=redis_space.prefix,
+        reconcile_grace_seconds=grace,
+    )
+
+
+def _publish_reasons(svc: Service, job_id: int) -> list[tuple[str, str | None]]:
+    assert svc.sessions is not None
+    with svc.sessions() as session:
+        return [(e.kind, (e.detail or {}).get("reason")) for e in repo.job_events(session, job_id)]
+
+
 def test_flushed_redis_jobs_are_reenqueued_and_picked_up_exactly_once(
     tmp_path: Path,
     pg_url: str,
     redis_space: RedisSpace,
 ) -> None:
-    migrate_to_head(pg_url)
-    settings = make_settings(
-        tmp_path / "var",
-        database_url=pg_url,
-        broker_url=redis_space.url,
-        redis_key_prefix=redis_space.prefix,
-        reconcile_grace_seconds=0.5,
-    )
+    settings = _queue_settings(tmp_path, pg_url, redis_space, grace=0.5)
     with Service(settings, listen=False, sweep=False, reconcile=False, processor=record_pickup_only) as svc:
         assert svc.publisher is not None and svc.celery is not None and svc.sessions is not None
         job_ids = _make_jobs(svc, 6)
@@ -152,11 +161,7 @@ def test_a_job_whose_worker_died_is_republished_although_its_message_is_still_re
 ) -> None:
     """kill -9 of a worker leaves its message reserved in Redis until the visibility timeout (minutes); the
     expired lease alone must bring the job back."""
-    migrate_to_head(pg_url)
-    settings = make_settings(
-        tmp_path / "var", database_url=pg_url, broker_url=redis_space.url, redis_key_prefix=redis_space.prefix,
-        reconcile_grace_seconds=60.0,  # the lease, not the grace, decides
-    )
+    settings = _queue_settings(tmp_path, pg_url, redis_space, grace=60.0)  # the lease, not the grace, decides
     with Service(settings, listen=False, sweep=False, reconcile=False, processor=record_pickup_only) as svc:
         assert svc.publisher is not None and svc.sessions is not None
         (job_id,) = _make_jobs(svc, 1)
@@ -171,7 +176,7 @@ def test_a_job_whose_worker_died_is_republished_although_its_message_is_still_re
         with svc.sessions() as session:
             job = repo.get_job(session, job_id)
             assert job is not None and job.state == "queued"
-            events = [(e.kind, (e.detail or {}).get("reason")) for e in repo.job_events(session, job_id)]
+        events = _publish_reasons(svc, job_id)
         assert ("lease_expired", None) in events
         assert events[-1] == ("published", "reconciler: lease expired")
 
@@ -182,11 +187,7 @@ def test_a_job_just_assembled_is_left_to_its_sweeper_for_the_grace_period(
     redis_space: RedisSpace,
 ) -> None:
     """The sweeper commits a job, then publishes it; a reconciler pass in between must not publish it too."""
-    migrate_to_head(pg_url)
-    settings = make_settings(
-        tmp_path / "var", database_url=pg_url, broker_url=redis_space.url, redis_key_prefix=redis_space.prefix,
-        reconcile_grace_seconds=60.0,
-    )
+    settings = _queue_settings(tmp_path, pg_url, redis_space, grace=60.0)
     with Service(settings, listen=False, sweep=False, reconcile=False, processor=record_pickup_only) as svc:
         assert svc.sessions is not None
         (job_id,) = _make_jobs(svc, 1)  # queued, not yet published
@@ -195,6 +196,4 @@ def test_a_job_just_assembled_is_left_to_its_sweeper_for_the_grace_period(
             session.execute(update(Job).where(Job.id == job_id).values(
                 updated_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=61)))
         assert svc.reconcile() == 1
-        with svc.sessions() as session:
-            events = [(e.kind, (e.detail or {}).get("reason")) for e in repo.job_events(session, job_id)]
-        assert events[-1] == ("published", "reconciler: never published")
+        assert _publish_reasons(svc, job_id)[-1] == ("published", "reconciler: never published")
