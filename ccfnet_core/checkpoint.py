@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ccfnet_core import __version__
-from ccfnet_core.model import CCFNet, create_model
+from ccfnet_core.model import Network, create_model
 from ccfnet_core.structures import STRUCTURES
 
 CARD_SCHEMA = 1
@@ -122,7 +122,7 @@ def save_model(path: Path, model: nn.Module, card: ModelCard, half: bool = False
     return card
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[CCFNet, ModelCard]:
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Network, ModelCard]:
     """Load weights and card, verify the sha256, return the model in eval mode (float32) on `device`."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")

@@ -249,6 +249,25 @@ def evaluate(
     _emit(summary, as_json, text)
 
 
+# --------------------------------------------------------------------------------------------- pair
+@_guarded
+def pair(
+    localiser: Path = typer.Option(..., help="checkpoint whose points the pair gives"),
+    classifier: Path = typer.Option(..., help="checkpoint whose P(abnormal) the pair gives at those points"),
+    out: Path = typer.Option(..., help="pair checkpoint to write"),
+    folds: int = typer.Option(0, help="also pair the K fold models beside both (<stem>.folds/fold<k>.pt)"),
+) -> None:
+    """One checkpoint from two trained networks: points from the localiser, abnormality from the classifier."""
+    from ccfnet_core.pair import assemble_pair, assemble_pair_with_folds
+
+    if folds:
+        card = assemble_pair_with_folds(localiser, classifier, out, folds)
+    else:
+        card = assemble_pair(localiser, classifier, out)
+    typer.echo(json.dumps({"model": str(out), "arch": card.arch, "weights_sha256": card.weights_sha256,
+                           "fold_models": folds}))
+
+
 # --------------------------------------------------------------------------------------------- predict
 def _read_input(path: Path) -> Any:
     from ccfnet_core.datasets import read_dicom_study
@@ -346,4 +365,5 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
     app.command("predict")(predict)
+    app.command("pair")(pair)
     app.command("phantom")(phantom)

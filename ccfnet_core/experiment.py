@@ -6,6 +6,9 @@ the saved (half-precision) fold models, exactly as `ccfnet evaluate --folds` rec
 table last.
 
     python -m ccfnet_core.experiment --data DIR --folds FILE --config exp.toml --out runs/exp --parallel 5
+
+A `[pairs.NAME]` table (`localiser = ...`, `classifier = ...`, each a variant of the file or a checkpoint path with
+its `.folds/` beside it) is assembled after the variants finish (`ccfnet_core.pair`) and reported as a row too.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 from ccfnet_core.checkpoint import load_model, save_model
 from ccfnet_core.datasets import read_dataset
-from ccfnet_core.evaluate import PAPER_KEYS, predict_out_of_fold, summarise
+from ccfnet_core.evaluate import PAPER_KEYS, fold_checkpoint, predict_out_of_fold, summarise
 from ccfnet_core.folds import load_folds
 from ccfnet_core.sample import SliceSample
 from ccfnet_core.train import TrainConfig, Trainer, write_json
@@ -42,6 +45,35 @@ def load_variants(config_path: Path) -> dict[str, dict[str, Any]]:
     base = data.get("base", {})
     variants = data.get("variants") or {"default": {}}
     return {name: {**base, **overrides} for name, overrides in variants.items()}
+
+
+def load_pairs(config_path: Path) -> dict[str, dict[str, str]]:
+    """[pairs.NAME] tables -> NAME -> {localiser, classifier}; each a variant name or a checkpoint path."""
+    pairs = tomllib.loads(config_path.read_text()).get("pairs", {})
+    for name, sources in pairs.items():
+        if set(sources) != {"localiser", "classifier"}:
+            raise ValueError(f"[pairs.{name}] needs exactly `localiser` and `classifier`")
+    return pairs
+
+
+def _pair_source(args: argparse.Namespace, variants: dict[str, dict[str, Any]], source: str) -> Path:
+    return args.out / source / "final.pt" if source in variants else Path(source)
+
+
+def build_pairs(args: argparse.Namespace, variants: dict[str, dict[str, Any]], k: int) -> list[str]:
+    """Pair every fold model (and final model) that both sources have; returns the pairs with at least one."""
+    from ccfnet_core.pair import assemble_pair
+
+    built = []
+    for name, sources in load_pairs(args.config).items():
+        loc, cls = (_pair_source(args, variants, sources[key]) for key in ("localiser", "classifier"))
+        out = args.out / name / "final.pt"
+        members = [(fold_checkpoint(loc, f), fold_checkpoint(cls, f), fold_checkpoint(out, f)) for f in range(k)]
+        for loc_path, cls_path, out_path in [*members, (loc, cls, out)]:
+            if loc_path.is_file() and cls_path.is_file():
+                assemble_pair(loc_path, cls_path, out_path)
+                built.append(name)
+    return list(dict.fromkeys(built))
 
 
 def usable(samples: list[SliceSample]) -> list[SliceSample]:
@@ -165,7 +197,9 @@ def run_all(args: argparse.Namespace) -> int:
                 status = "done" if item[2].returncode == 0 else f"FAILED ({item[2].returncode})"
                 failures += item[2].returncode != 0
                 print(f"{item[0]} fold {item[1]}: {status}", flush=True)
-    return report(args, variants, k) or (1 if failures else 0)
+    all_variants = load_variants(args.config)
+    names = [*variants, *build_pairs(args, all_variants, k)]
+    return report(args, names, k) or (1 if failures else 0)
 
 
 def _model_name(fold: int) -> str:
@@ -173,24 +207,35 @@ def _model_name(fold: int) -> str:
     return f"final.folds/fold{fold}.pt" if fold >= 0 else "final.pt"
 
 
-def report(args: argparse.Namespace, variants: dict[str, dict[str, Any]], k: int) -> int:
-    """Out-of-fold metrics per variant from the saved fold models; the card of each final model gets them."""
+def report(args: argparse.Namespace, variants: list[str], k: int) -> int:
+    """Out-of-fold metrics per variant from the saved fold models; the card of each final model gets them.
+
+    A variant with only some folds done (a CPU experiment spread over sessions) is scored on those folds'
+    studies, labelled with them, into cv_metrics_partial.json; its card is left alone.
+    """
     samples = usable(read_dataset(args.data))
     folds = load_folds(args.folds)
     rows: dict[str, dict[str, Any]] = {}
     for variant in variants:
         final = args.out / variant / "final.pt"
-        if not all((args.out / variant / _model_name(f)).is_file() for f in [*range(k), -1]):
-            print(f"{variant}: incomplete, skipped in the table")
+        done = [f for f in range(k) if (args.out / variant / _model_name(f)).is_file()]
+        if not done:
+            print(f"{variant}: no fold model yet, skipped in the table")
             continue
-        predictions = predict_out_of_fold(samples, final, folds)
-        summary = summarise(samples, predictions)
+        complete = len(done) == k and final.is_file()
+        scored = [s for s in samples if folds[s.study_id] in done]
+        predictions = predict_out_of_fold(scored, final, folds)
+        summary = summarise(scored, predictions)
         per_fold = {}
-        for f in range(k):
-            idx = [i for i, s in enumerate(samples) if folds[s.study_id] == f]
-            part = summarise([samples[i] for i in idx], [predictions[i] for i in idx])
+        for f in done:
+            idx = [i for i, s in enumerate(scored) if folds[s.study_id] == f]
+            part = summarise([scored[i] for i in idx], [predictions[i] for i in idx])
             per_fold[f] = {key: part[key] for key in (*PAPER_KEYS, "challenge_macro_f1")}
         summary["per_fold"] = per_fold
+        if not complete:
+            write_json(args.out / variant / "cv_metrics_partial.json", summary)
+            rows[f"{variant} [folds {','.join(map(str, done))}]"] = summary
+            continue
         write_json(args.out / variant / "cv_metrics.json", summary)
         model, card = load_model(final)
         metrics = {key: summary[key] for key in (*PAPER_KEYS, "challenge_macro_f1")}
@@ -198,11 +243,11 @@ def report(args: argparse.Namespace, variants: dict[str, dict[str, Any]], k: int
         metrics["evaluation"] = f"{k}-fold out-of-fold over {len(samples)} unflagged studies, 6 mm"
         save_model(final, model, replace(card, metrics=metrics), half=True)
         rows[variant] = summary
-    header = f"{'variant':<24}" + "".join(f"{key:>12}" for key in (*PAPER_KEYS, "macroF1"))
+    header = f"{'variant':<40}" + "".join(f"{key:>12}" for key in (*PAPER_KEYS, "macroF1"))
     print(header)
     for variant, summary in rows.items():
         values = [summary[key] for key in PAPER_KEYS] + [100 * summary["challenge_macro_f1"]]
-        print(f"{variant:<24}" + "".join(f"{value:>12.2f}" for value in values))
+        print(f"{variant:<40}" + "".join(f"{value:>12.2f}" for value in values))
     return 0
 
 
@@ -226,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.report_only:
         variants = load_variants(args.config)
-        return report(args, variants, max(load_folds(args.folds).values()) + 1)
+        k = max(load_folds(args.folds).values()) + 1
+        return report(args, [*variants, *build_pairs(args, variants, k)], k)
     return run_all(args)
 
 

@@ -3,7 +3,8 @@
 Trunk: ResNet stem + layer1..layer3 (stride 16). Head: 1x1 to 256, multi-scale context (dilated-convolution
 context block + pyramid pooling), a bottleneck, and a 1x1 conv to 44 maps: 11 heatmaps, 11 y-offsets,
 11 x-offsets, 11 abnormality logits. The baseline is the full ResNet (layer4, stride 32) with one 1x1 conv.
-Builders register by name in a registry that refuses duplicates.
+Builders register by name in a registry that refuses duplicates. A pair (`r18-msc-pair`) is two such networks read
+as one: points from a localiser, abnormality from a classifier, each trained at its own loss weights.
 """
 
 from __future__ import annotations
@@ -240,13 +241,41 @@ class CCFNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_REGISTRY: dict[str, Callable[[], CCFNet]] = {}
+class PairedCCFNet(nn.Module):
+    """Two CCF-Nets of one architecture with one 44-map output: heatmaps and offsets from `localiser`, logits
+    from `classifier`.
+
+    Why: trained from scratch, one network trades localisation for classification through the weight of its BCE
+    terms (docs/model.md); a pair keeps the best of each weight. The paper's network is unchanged, only run twice.
+    Pairs are assembled from two trained checkpoints (`ccfnet_core.pair`), not trained as one.
+    """
+
+    def __init__(self, localiser: CCFNet, classifier: CCFNet):
+        super().__init__()
+        if localiser.spec != classifier.spec:
+            raise ValueError(f"a pair needs one architecture, not {localiser.spec.name} + {classifier.spec.name}")
+        self.localiser = localiser
+        self.classifier = classifier
+        self.spec = localiser.spec
+        self.stride = localiser.stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) -> (N, 44, h, w): the localiser's 33 point maps, then the classifier's 11 logits."""
+        points = self.localiser(x)[:, : 3 * NUM_STRUCTURES]
+        logits = self.classifier(x)[:, 3 * NUM_STRUCTURES :]
+        return torch.cat([points, logits], dim=1)
 
 
-def register_model(name: str) -> Callable[[Callable[[], CCFNet]], Callable[[], CCFNet]]:
+Network = CCFNet | PairedCCFNet
+PAIR_SUFFIX = "-pair"
+
+_REGISTRY: dict[str, Callable[[], Network]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[[], Network]], Callable[[], Network]]:
     """Register a builder under `name`; a second builder of the same name is an error, not an overwrite."""
 
-    def decorate(builder: Callable[[], CCFNet]) -> Callable[[], CCFNet]:
+    def decorate(builder: Callable[[], Network]) -> Callable[[], Network]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[name] = builder
@@ -259,8 +288,8 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str) -> CCFNet:
-    """Build a registered architecture by name (`r18-msc`, `r50-msc`, `r18`, `r50`)."""
+def create_model(name: str) -> Network:
+    """Build a registered architecture by name (`r18-msc`, `r50-msc`, `r18`, `r50`, or one of them + `-pair`)."""
     try:
         builder = _REGISTRY[name]
     except KeyError:
@@ -290,6 +319,16 @@ def resnet18_baseline() -> CCFNet:
 @register_model("r50")
 def resnet50_baseline() -> CCFNet:
     return _create_ccfnet("r50", Bottleneck, (3, 4, 6, 3), msc=False)
+
+
+@register_model("r18-msc" + PAIR_SUFFIX)
+def ccfnet_r18_msc_pair() -> PairedCCFNet:
+    return PairedCCFNet(*(_create_ccfnet("r18-msc", BasicBlock, (2, 2, 2), msc=True) for _ in range(2)))
+
+
+@register_model("r50-msc" + PAIR_SUFFIX)
+def ccfnet_r50_msc_pair() -> PairedCCFNet:
+    return PairedCCFNet(*(_create_ccfnet("r50-msc", Bottleneck, (3, 4, 6), msc=True) for _ in range(2)))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -12,7 +12,7 @@ from ccfnet_core.datasets import read_dataset
 from ccfnet_core.evaluate import errors_mm
 from ccfnet_core.phantom import write_phantom_studies
 from ccfnet_core.sample import SliceSample
-from ccfnet_core.train import TrainConfig, Trainer
+from ccfnet_core.train import TrainConfig, Trainer, cpu_has_fast_bf16
 
 SHORT = {
     "arch": "r18-msc", "input_size": 128, "sigma": 6.0, "epochs": 6, "repeats": 4, "batch_size": 8,
@@ -32,10 +32,15 @@ def _median_error(trainer: Trainer, samples: list[SliceSample]) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
 def test_short_phantom_training_lowers_localisation_error(
-    phantom_samples: list[SliceSample], tmp_path: Path
+    phantom_samples: list[SliceSample], tmp_path: Path, amp: bool
 ) -> None:
-    trainer = Trainer(TrainConfig.from_mapping(SHORT), phantom_samples, tmp_path / "run")
+    """In float32, and in the bf16 autocast + channels-last path a CPU with native bf16 trains with."""
+    if amp and not cpu_has_fast_bf16():
+        pytest.skip("this CPU has no native bf16; training stays in float32 here")
+    trainer = Trainer(TrainConfig.from_mapping({**SHORT, "amp": amp}), phantom_samples, tmp_path / "run")
+    assert trainer.bf16 is amp
     before = _median_error(trainer, phantom_samples)
     trainer.fit()
     after = _median_error(trainer, phantom_samples)

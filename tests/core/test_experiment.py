@@ -1,0 +1,88 @@
+"""The experiment runner: folds + final fit per variant, pairs, and a table over whatever folds are done."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ccfnet_core.checkpoint import load_model
+from ccfnet_core.datasets import read_dataset
+from ccfnet_core.experiment import main
+from ccfnet_core.folds import make_folds, save_folds
+from ccfnet_core.phantom import write_phantom_studies
+
+CONFIG = """
+[base]
+arch = "r18-msc"
+input_size = 128
+sigma = 4.0
+epochs = 1
+repeats = 1
+batch_size = 4
+t0 = 1
+amp = false
+device = "cpu"
+
+[variants.loc]
+class_weight = 0.01
+
+[variants.cls]
+class_weight = 1.0
+
+[pairs.both]
+localiser = "loc"
+classifier = "cls"
+"""
+
+
+@pytest.fixture(scope="module")
+def phantom_experiment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("experiment")
+    write_phantom_studies(root / "data", 6, seed=8, rows=128, cols=128)
+    ids = [s.study_id for s in read_dataset(root / "data")]
+    save_folds(root / "folds.json", make_folds(ids, 2, seed=1), 2, 1)
+    (root / "exp.toml").write_text(CONFIG)
+    return {"data": root / "data", "folds": root / "folds.json", "config": root / "exp.toml", "root": root}
+
+
+def _args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["--data", str(paths["data"]), "--folds", str(paths["folds"]), "--config", str(paths["config"]),
+            "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_a_whole_experiment_scores_variants_and_their_pair_out_of_fold(
+    phantom_experiment: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = phantom_experiment["root"] / "runs"
+    assert main(_args(phantom_experiment, out, "--parallel", "2")) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("variant"))
+    assert [line.split()[0] for line in table[header + 1 :]] == ["loc", "cls", "both"]
+    for name in ("loc", "cls", "both"):
+        metrics = json.loads((out / name / "cv_metrics.json").read_text())
+        assert set(metrics["per_fold"]) == {"0", "1"} and metrics["studies"] == 6
+        _, card = load_model(out / name / "final.pt")
+        assert card.metrics["Score"] == pytest.approx(metrics["Score"], nan_ok=True)
+    _, pair_card = load_model(out / "both" / "final.pt")
+    assert pair_card.arch == "r18-msc-pair"
+    assert pair_card.recipe["localiser"]["weights_sha256"] == load_model(out / "loc" / "final.pt")[1].weights_sha256
+
+
+def test_a_partly_done_experiment_is_scored_on_its_finished_folds(
+    phantom_experiment: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = phantom_experiment["root"] / "partial"
+    for variant in ("loc", "cls"):
+        assert main(_args(phantom_experiment, out, "--variant", variant, "--fold", "0")) == 0
+    capsys.readouterr()
+    assert main(_args(phantom_experiment, out, "--report-only")) == 0
+    table = capsys.readouterr().out
+    for name in ("loc", "cls", "both"):
+        assert f"{name} [folds 0]" in table
+        partial = json.loads((out / name / "cv_metrics_partial.json").read_text())
+        assert list(partial["per_fold"]) == ["0"] and partial["studies"] == 3
+        assert not (out / name / "cv_metrics.json").exists()
+    assert (out / "both" / "final.folds" / "fold0.pt").is_file() and not (out / "both" / "final.pt").exists()

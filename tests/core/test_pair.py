@@ -1,0 +1,144 @@
+"""A pair checkpoint gives the localiser's points and the classifier's P(abnormal) at those points."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ccfnet_core.checkpoint import ModelCard, load_model, new_card, save_model
+from ccfnet_core.decode import forward_tta
+from ccfnet_core.evaluate import fold_checkpoint, predict_out_of_fold
+from ccfnet_core.experiment import load_pairs
+from ccfnet_core.inference import Predictor, resize_input
+from ccfnet_core.model import CCFNet, PairedCCFNet, count_parameters, create_model, split_output
+from ccfnet_core.pair import assemble_pair, assemble_pair_with_folds
+from ccfnet_core.sample import SliceSample
+from ccfnet_core.train import TrainConfig, Trainer
+from worker.cli import app
+
+SIZE = 128
+
+
+def _network(seed: int) -> CCFNet:
+    """An r18-msc with weights large enough that its maps differ from another seed's."""
+    torch.manual_seed(seed)
+    model = create_model("r18-msc")
+    assert isinstance(model, CCFNet)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, std=0.05)
+    return model.eval()
+
+
+def _card(**overrides: object) -> ModelCard:
+    fields: dict[str, object] = {
+        "arch": "r18-msc", "input_size": SIZE, "stride": 16, "sigma": 4.0, "training_data": "test",
+        "intended_use": "test", "phantom_only": True, "limitations": ("single slice",),
+    }
+    return new_card(**{**fields, **overrides})
+
+
+def _save(path: Path, seed: int, **overrides: object) -> Path:
+    save_model(path, _network(seed), _card(**overrides), half=True)
+    return path
+
+
+def _images(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [rng.random((3, 150, 140), dtype=np.float32) for _ in range(n)]
+
+
+def test_the_pair_forward_is_the_localisers_point_maps_and_the_classifiers_logits() -> None:
+    loc, cls = _network(1), _network(2)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out, a, b = PairedCCFNet(loc, cls)(x), loc(x), cls(x)
+    assert torch.equal(out[:, :33], a[:, :33]) and torch.equal(out[:, 33:], b[:, 33:])
+    assert not torch.allclose(a[:, 33:], b[:, 33:])
+    assert count_parameters(create_model("r18-msc-pair")) == 2 * count_parameters(create_model("r18-msc"))
+
+
+def test_an_assembled_pair_predicts_localiser_points_and_classifier_probabilities_there(tmp_path: Path) -> None:
+    loc = _save(tmp_path / "loc.pt", 1)
+    cls = _save(tmp_path / "cls.pt", 2)
+    card = assemble_pair(loc, cls, tmp_path / "pair.pt")
+    model, loaded = load_model(tmp_path / "pair.pt")
+    assert isinstance(model, PairedCCFNet) and loaded.arch == "r18-msc-pair" == card.arch
+    recipe = loaded.recipe
+    assert recipe["localiser"]["weights_sha256"] == load_model(loc)[1].weights_sha256
+    assert recipe["classifier"]["weights_sha256"] == load_model(cls)[1].weights_sha256
+
+    images = _images(3)
+    pair_predictions = Predictor.from_checkpoint(tmp_path / "pair.pt", "cpu").predict(images)
+    loc_predictions = Predictor.from_checkpoint(loc, "cpu").predict(images)
+    cls_model, _ = load_model(cls)
+    batch = torch.cat([resize_input(image, SIZE) for image in images])
+    with torch.no_grad():
+        cls_logits = split_output(forward_tta(cls_model, batch)).logits
+        loc_heat = split_output(forward_tta(load_model(loc)[0], batch)).heatmaps
+    cells = loc_heat.flatten(2).argmax(-1)
+    expected = torch.sigmoid(cls_logits.flatten(2).gather(2, cells[..., None]).squeeze(-1)).numpy()
+    for pair_pred, loc_pred, probs in zip(pair_predictions, loc_predictions, expected, strict=True):
+        np.testing.assert_allclose(pair_pred.points, loc_pred.points, atol=1e-2)
+        np.testing.assert_allclose(pair_pred.probabilities, probs, atol=1e-5)
+    assert not np.allclose([p.probabilities for p in pair_predictions], [p.probabilities for p in loc_predictions])
+
+
+def test_sources_that_do_not_match_are_refused_by_name(tmp_path: Path) -> None:
+    loc = _save(tmp_path / "loc.pt", 1)
+    with pytest.raises(ValueError, match="input_size"):
+        assemble_pair(loc, _save(tmp_path / "big.pt", 2, input_size=256), tmp_path / "pair.pt")
+    assemble_pair(loc, _save(tmp_path / "cls.pt", 2), tmp_path / "pair.pt")
+    with pytest.raises(ValueError, match="not of pairs"):
+        assemble_pair(tmp_path / "pair.pt", loc, tmp_path / "pair2.pt")
+    assert not (tmp_path / "pair2.pt").exists()
+    sample = SliceSample("s", np.zeros((3, 64, 64), np.float32), np.full((11, 2), 30.0), (frozenset(),) * 11, (1, 1))
+    with pytest.raises(ValueError, match="is a pair"):
+        Trainer(TrainConfig(arch="r18-msc-pair", input_size=64, device="cpu"), [sample], tmp_path / "run")
+
+
+def test_fold_models_are_paired_fold_by_fold_and_score_out_of_fold(tmp_path: Path) -> None:
+    loc, cls = _save(tmp_path / "loc.pt", 1), _save(tmp_path / "cls.pt", 2)
+    for k in range(2):
+        _save(fold_checkpoint(loc, k), 10 + k)
+    with pytest.raises(FileNotFoundError, match=r"cls\.folds/fold0\.pt"):
+        assemble_pair_with_folds(loc, cls, tmp_path / "pair.pt", 2)
+    for k in range(2):
+        _save(fold_checkpoint(cls, k), 20 + k)
+    assemble_pair_with_folds(loc, cls, tmp_path / "pair.pt", 2)
+    samples = [
+        SliceSample(f"s{i}", image, np.full((11, 2), 40.0), (frozenset({"v1"}),) * 11, (1.0, 1.0))
+        for i, image in enumerate(_images(4))
+    ]
+    folds = {"s0": 0, "s1": 1, "s2": 0, "s3": 1}
+    pair_oof = predict_out_of_fold(samples, tmp_path / "pair.pt", folds, "cpu")
+    loc_oof = predict_out_of_fold(samples, loc, folds, "cpu")
+    for i, sample in enumerate(samples):
+        fold_loc = Predictor.from_checkpoint(fold_checkpoint(loc, folds[sample.study_id]), "cpu")
+        np.testing.assert_allclose(pair_oof[i].points, fold_loc.predict([sample.image])[0].points, atol=1e-2)
+        np.testing.assert_allclose(pair_oof[i].points, loc_oof[i].points, atol=1e-2)
+
+
+def test_the_cli_pairs_checkpoints_and_says_what_is_missing(tmp_path: Path) -> None:
+    runner = CliRunner()
+    loc, cls = _save(tmp_path / "loc.pt", 1), _save(tmp_path / "cls.pt", 2)
+    sources = ["pair", "--localiser", str(loc), "--classifier", str(cls)]
+    ok = runner.invoke(app, [*sources, "--out", str(tmp_path / "p.pt")])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["arch"] == "r18-msc-pair"
+    missing = runner.invoke(app, [*sources, "--out", str(tmp_path / "q.pt"), "--folds", "4"])
+    assert missing.exit_code == 2 and "loc.folds/fold0.pt" in missing.output and "Traceback" not in missing.output
+
+
+def test_experiment_pairs_need_both_sources(tmp_path: Path) -> None:
+    config = tmp_path / "exp.toml"
+    config.write_text('[variants.a]\n[pairs.p]\nlocaliser = "a"\nclassifier = "models/x.pt"\n')
+    assert load_pairs(config) == {"p": {"localiser": "a", "classifier": "models/x.pt"}}
+    config.write_text('[pairs.p]\nlocaliser = "a"\n')
+    with pytest.raises(ValueError, match="exactly"):
+        load_pairs(config)
