@@ -88,7 +88,8 @@ def test_phantom_study_gives_11_findings_and_result_objects_on_postgres(
 
 
 def _embedded(tmp_path: Path, **overrides: Any) -> EmbeddedService:
-    return EmbeddedService(make_settings(tmp_path / "var", model_path=MODEL, study_quiet_seconds=1.0, **overrides))
+    options: dict[str, Any] = {"model_path": MODEL, "study_quiet_seconds": 1.0, **overrides}
+    return EmbeddedService(make_settings(tmp_path / "var", **options))
 
 
 def test_a_study_without_a_sagittal_series_ends_with_a_reason(tmp_path: Path) -> None:
@@ -130,3 +131,22 @@ def test_a_spool_file_damaged_after_storage_fails_the_job_with_its_reason(tmp_pa
         job = _final_job(svc, truth.study_uid)
     assert job.state == "failed"
     assert job.error.startswith("unreadable input")
+
+
+def test_a_pair_checkpoint_runs_through_the_worker_and_is_named_in_its_results(tmp_path: Path) -> None:
+    """A pair (ccfnet_core.pair) is a checkpoint like any other: the worker loads it and the results name it."""
+    from ccfnet_core.pair import assemble_pair
+
+    pair = assemble_pair(MODEL, MODEL, tmp_path / "pair.pt")
+    datasets, truth = _study(25)
+    with _embedded(tmp_path, model_path=tmp_path / "pair.pt") as svc:
+        assert set(send(svc.port, datasets)) == {0}
+        job = _final_job(svc, truth.study_uid)
+        assert svc.sessions is not None
+        with svc.sessions() as session:
+            findings = list(repo.findings_for_job(session, job.id))
+            objects = {o.kind: o for o in repo.result_objects_for_job(session, job.id)}
+    assert job.state == "succeeded", job.error
+    assert len(findings) == 11
+    sr = pydicom.dcmread(svc.settings.data_dir / "results" / objects["sr"].path)
+    assert sr.ManufacturerModelName == "CCF-Net R18-MSC-PAIR" and pair.arch == "r18-msc-pair"
