@@ -161,17 +161,14 @@ def _echo(settings: Settings, dest: DicomDestination) -> Check:
 def check_destination(settings: Settings, dest: DicomDestination | DicomWebDestination) -> Check:
     if isinstance(dest, DicomDestination):
         return _echo(settings, dest)
-    import httpx
+    import requests
 
-    headers = {}
-    if dest.token is not None:
-        headers["Authorization"] = f"Bearer {dest.token.get_secret_value()}"
-    auth = (dest.username, dest.password.get_secret_value()) if dest.username and dest.password else None
+    from worker.export.stow import http_session
+
     try:
-        response = httpx.get(
-            f"{dest.url}/studies", params={"limit": 1}, headers=headers, auth=auth, timeout=5
-        )
-    except httpx.HTTPError as exc:
+        with http_session(dest) as session:  # the exporter's credentials and CA (tls_ca), so the check means it
+            response = session.get(f"{dest.url}/studies", params={"limit": 1}, timeout=5)
+    except requests.RequestException as exc:
         return Check(f"destination {dest.name}", False, f"{dest.url}: {exc.__class__.__name__}")
     ok = response.status_code < 400
     return Check(f"destination {dest.name}", ok, f"{dest.url}: HTTP {response.status_code}")

@@ -4,10 +4,13 @@ intake tests run it) against DCMTK's echoscu/storescu, and our C-STORE exporter 
 # ruff: noqa: F811  (pytest fixtures imported from intake_support are parameters of the same name)
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import shutil
+import ssl
 import subprocess
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import dicom_factory as f
+import httpx
 import pytest
 from click.testing import Result
 from intake_support import (
@@ -34,7 +38,7 @@ from worker.db import repository as repo
 from worker.db.engine import make_engine, make_session_factory
 from worker.db.models import Association, Instance
 from worker.service import Service
-from worker.settings import DicomDestination
+from worker.settings import DicomDestination, DicomWebDestination
 
 pytestmark = pytest.mark.services
 
@@ -369,6 +373,86 @@ def test_config_check_echoes_a_tls_destination_over_tls(
     assert result.exit_code == 1, result.output
     assert _destination_check(result) == {
         "name": "destination pacs", "ok": False, "detail": f"{where}: association not accepted",
+    }
+
+
+@pytest.fixture
+def https_dicomweb(tls_orthanc: Orthanc, pki: Pki) -> Iterator[str]:
+    """Orthanc's DICOMweb behind an HTTPS front with a server certificate from our CA, as sites put it behind a
+    TLS-terminating proxy (Debian's Orthanc 1.10 crashes serving HTTPS itself with OpenSSL 3). Yields its URL."""
+
+    class Forward(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._forward(httpx.get(f"{tls_orthanc.url}{self.path}", timeout=30))
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            headers = {name: self.headers[name] for name in ("Content-Type", "Accept") if self.headers[name]}
+            self._forward(httpx.post(f"{tls_orthanc.url}{self.path}", content=body, headers=headers, timeout=60))
+
+        def _forward(self, upstream: httpx.Response) -> None:
+            self.send_response(upstream.status_code)
+            self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/octet-stream"))
+            self.send_header("Content-Length", str(len(upstream.content)))
+            self.end_headers()
+            self.wfile.write(upstream.content)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_stow_exporter_trusts_the_destination_ca_even_with_a_ca_bundle_in_the_environment(
+    https_dicomweb: str, tls_orthanc: Orthanc, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requests lets REQUESTS_CA_BUNDLE replace a session's CA; the destination's `tls_ca` must still be the one."""
+    from worker.export.delivery import Item
+    from worker.export.stow import send_stow
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    ds = next(iter(f.study_images(f.new_study(), 1)))
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    item = Item(export_id=1, path=path, sop_instance_uid=ds.SOPInstanceUID)
+    untrusted = DicomWebDestination(name="pacs", url=https_dicomweb)
+    assert send_stow(untrusted, [item], timeout=10)[1].outcome == "failed"
+    assert tls_orthanc.sop_instance_uids(ds.StudyInstanceUID) == []
+    trusted = DicomWebDestination(name="pacs", url=https_dicomweb, tls_ca=pki.ca)
+    delivery = send_stow(trusted, [item], timeout=10)[1]
+    assert delivery.outcome == "delivered", delivery
+    assert tls_orthanc.sop_instance_uids(ds.StudyInstanceUID) == [ds.SOPInstanceUID]
+
+
+def test_config_check_reaches_an_https_dicomweb_destination_with_its_own_ca(
+    https_dicomweb: str, pki: Pki, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check uses the exporter's HTTP session, so a destination's `tls_ca` counts there too."""
+    monkeypatch.chdir(tmp_path)
+    web = {"kind": "dicomweb", "name": "pacs", "url": https_dicomweb, "tls_ca": str(pki.ca)}
+    env = _cli_env(tmp_path, pg_url, destinations=json.dumps([web]))
+    runner = CliRunner()
+    result = runner.invoke(app, ["config", "check", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    assert _destination_check(result) == {
+        "name": "destination pacs", "ok": True, "detail": f"{https_dicomweb}: HTTP 200",
+    }
+    # Without our CA the server's certificate is not trusted: the check fails as the exporter would.
+    untrusted = json.dumps([{k: v for k, v in web.items() if k != "tls_ca"}])
+    result = runner.invoke(app, ["config", "check", "--json"], env=env | {"CCFNET_DESTINATIONS": untrusted})
+    assert result.exit_code == 1, result.output
+    assert _destination_check(result) == {
+        "name": "destination pacs", "ok": False, "detail": f"{https_dicomweb}: SSLError",
     }
 
 

@@ -14,10 +14,28 @@ from worker.settings import DicomWebDestination
 HTTP_OK, HTTP_ACCEPTED_WITH_WARNINGS = 200, 202
 
 
-def _session(destination: DicomWebDestination) -> Any:
+def _session_keeping_its_ca() -> Any:
+    """A requests session whose own `verify` wins over REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE.
+
+    requests lets those variables replace `Session.verify` on every request (psf/requests issue 3829), so on a host
+    that sets them (many images do) a destination's `tls_ca` would be silently ignored and its certificate refused.
+    """
     import requests
 
-    session = requests.Session()
+    class CaKeepingSession(requests.Session):
+        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            settings: dict[str, Any] = super().merge_environment_settings(*args, **kwargs)
+            settings["verify"] = self.verify
+            return settings
+
+    return CaKeepingSession()
+
+
+def http_session(destination: DicomWebDestination) -> Any:
+    """A requests session with the destination's credentials and CA: the exporter's, and `config check`'s."""
+    import requests
+
+    session = requests.Session() if destination.tls_ca is None else _session_keeping_its_ca()
     if destination.token is not None:
         session.headers["Authorization"] = f"Bearer {destination.token.get_secret_value()}"
     elif destination.username is not None and destination.password is not None:
@@ -87,7 +105,7 @@ def send_stow(destination: DicomWebDestination, items: Sequence[Item], *, timeou
         statuses.append(int(response.status_code))
         return response
 
-    client = DICOMwebClient(url=destination.url, session=_session(destination), timeout=timeout,
+    client = DICOMwebClient(url=destination.url, session=http_session(destination), timeout=timeout,
                             callback=remember_status)
     sent = [item for item, _ in readable]
     try:
