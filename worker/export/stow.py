@@ -23,8 +23,8 @@ def _session_keeping_its_ca() -> Any:
     import requests
 
     class CaKeepingSession(requests.Session):
-        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-            settings: dict[str, Any] = super().merge_environment_settings(*args, **kwargs)
+        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            settings = super().merge_environment_settings(*args, **kwargs)
             settings["verify"] = self.verify
             return settings
 
