@@ -23,7 +23,7 @@ def _session_keeping_its_ca() -> Any:
     import requests
 
     class CaKeepingSession(requests.Session):
-        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> Any:
             settings = super().merge_environment_settings(*args, **kwargs)
             settings["verify"] = self.verify
             return settings
