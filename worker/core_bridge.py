@@ -168,6 +168,21 @@ def _predictor(path: Path, device: str) -> object:
         return _models[key]
 
 
+def checkpoint_version(path: Path) -> str:
+    """What results name a checkpoint by (`ModelIdentity.checkpoint_version`), read from its card without building
+    the network; ValueError naming the file when it is not a ccfnet checkpoint."""
+    import torch
+
+    from ccfnet_core.checkpoint import CheckpointError, ModelCard
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        card = ModelCard.from_dict(payload["card"])
+    except (RuntimeError, KeyError, TypeError, EOFError, OSError, CheckpointError) as exc:
+        raise ValueError(f"model: {path} is not a ccfnet checkpoint ({exc.__class__.__name__})") from exc
+    return f"{card.version}@{card.weights_sha256[:12]}" if card.weights_sha256 else card.version
+
+
 def load_model(path: Path, device: str = "auto") -> ModelIdentity:
     """Load (or find loaded) the model and say what it is."""
     from ccfnet_core.inference import Predictor

@@ -112,7 +112,8 @@ def test_reprocess_with_a_forced_model_runs_that_checkpoint_on_the_batch_queue(
             assert repo.forced_model_path(session, default.id) is None
     assert default.state == "failed" and "model unavailable" in (default.error or "")
     assert chosen.state == "succeeded" and chosen.queue == "batch" and len(results) == 3
-    assert chosen.model_version.startswith("forced-phantom@") and forced_path == str(forced.resolve())
+    card = load_model(forced)[1]
+    assert chosen.model_version == f"{card.version}@{card.weights_sha256[:12]}" and forced_path == str(forced.resolve())
 
     refused = CliRunner().invoke(
         app, ["reprocess", "--study", "1.2.3", "--model", str(tmp_path / "nope.pt")], env=env
@@ -136,6 +137,7 @@ def test_results_of_a_forced_model_name_that_checkpoint_not_the_configured_versi
         objects = {version: _result_objects(svc, job) for version, (job, _) in runs.items()}
     for version, (job, card) in runs.items():
         assert job.state == "succeeded", job.error
+        assert job.model_version == version  # the job row names the checkpoint as its objects do
         assert len(objects[version]) == 3
         for row, ds in objects[version]:
             assert list(ds.SoftwareVersions)[1] == version, row.kind

@@ -11,7 +11,6 @@ and the job's ``reprocess`` event carries the path, which the inference worker l
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +35,14 @@ class ForcedModel:
 
     @classmethod
     def from_file(cls, path: Path) -> ForcedModel:
-        """Names the checkpoint by file name and content digest (64 characters at most, like the column)."""
+        """Names the checkpoint as its results will: its card's version and weights digest (`0.1.0@a97c0cb420a4`),
+        so the job row and the objects it made agree."""
+        from worker.core_bridge import checkpoint_version
+
         resolved = path.expanduser().resolve()
         if not resolved.is_file():
             raise ValueError(f"model: no such checkpoint file: {path}")
-        digest = hashlib.sha256()
-        with resolved.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return cls(resolved, f"{resolved.stem[:48]}@{digest.hexdigest()[:12]}")
+        return cls(resolved, checkpoint_version(resolved)[:64])
 
 
 @dataclass(frozen=True)
