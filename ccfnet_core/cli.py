@@ -68,7 +68,7 @@ def _json_default(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------- model-info
 @_guarded
 def model_info(
-    arch: str = typer.Option("r18-msc", help="r18-msc, r50-msc, r18 or r50"),
+    arch: str = typer.Option("r18-msc", help="r18-msc, r50-msc, r18, r50, r18-msc-pair or r50-msc-pair"),
     input_size: int = typer.Option(512, help="square input size for the MAC count"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
