@@ -122,16 +122,24 @@ def save_model(path: Path, model: nn.Module, card: ModelCard, half: bool = False
     return card
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Network, ModelCard]:
-    """Load weights and card, verify the sha256, return the model in eval mode (float32) on `device`."""
+def _read(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        card = ModelCard.from_dict(payload["card"])
-        state: dict[str, torch.Tensor] = payload["state_dict"]
+        return ModelCard.from_dict(payload["card"]), payload["state_dict"]
     except (RuntimeError, KeyError, TypeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path}: not a ccfnet checkpoint ({exc})") from exc
+
+
+def read_card(path: Path) -> ModelCard:
+    """The model card alone, without building the network; CheckpointError as `load_model`."""
+    return _read(path)[0]
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Network, ModelCard]:
+    """Load weights and card, verify the sha256, return the model in eval mode (float32) on `device`."""
+    card, state = _read(path)
     if card.weights_sha256 and state_dict_sha256(state) != card.weights_sha256:
         raise CheckpointError(f"{path}: weights do not match the sha256 in the model card")
     model = create_model(card.arch)

@@ -101,7 +101,11 @@ class ModelIdentity:
     def checkpoint_version(self) -> str:
         """The card's version and the start of its weights' sha256 (``0.1.0@a97c0cb420a4``): checkpoints that
         share a version, as the shipped ones do, are still told apart."""
-        return f"{self.version}@{self.weights_sha256[:12]}" if self.weights_sha256 else self.version
+        return _checkpoint_label(self.version, self.weights_sha256)
+
+
+def _checkpoint_label(version: str, weights_sha256: str) -> str:
+    return f"{version}@{weights_sha256[:12]}" if weights_sha256 else version
 
 
 @dataclass(frozen=True)
@@ -170,17 +174,11 @@ def _predictor(path: Path, device: str) -> object:
 
 def checkpoint_version(path: Path) -> str:
     """What results name a checkpoint by (`ModelIdentity.checkpoint_version`), read from its card without building
-    the network; ValueError naming the file when it is not a ccfnet checkpoint."""
-    import torch
+    the network; ValueError (CheckpointError) naming the file when it is not a ccfnet checkpoint."""
+    from ccfnet_core.checkpoint import read_card
 
-    from ccfnet_core.checkpoint import CheckpointError, ModelCard
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        card = ModelCard.from_dict(payload["card"])
-    except (RuntimeError, KeyError, TypeError, EOFError, OSError, CheckpointError) as exc:
-        raise ValueError(f"model: {path} is not a ccfnet checkpoint ({exc.__class__.__name__})") from exc
-    return f"{card.version}@{card.weights_sha256[:12]}" if card.weights_sha256 else card.version
+    card = read_card(path)
+    return _checkpoint_label(card.version, card.weights_sha256)
 
 
 def load_model(path: Path, device: str = "auto") -> ModelIdentity:
