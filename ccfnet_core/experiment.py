@@ -26,7 +26,7 @@ from typing import Any
 
 from ccfnet_core.checkpoint import load_model, save_model
 from ccfnet_core.datasets import read_dataset
-from ccfnet_core.evaluate import PAPER_KEYS, fold_checkpoint, predict_out_of_fold, summarise
+from ccfnet_core.evaluate import PAPER_KEYS, predict_out_of_fold, summarise
 from ccfnet_core.folds import load_folds
 from ccfnet_core.sample import SliceSample
 from ccfnet_core.train import TrainConfig, Trainer, write_json
@@ -62,14 +62,12 @@ def _pair_source(args: argparse.Namespace, variants: dict[str, dict[str, Any]], 
 
 def build_pairs(args: argparse.Namespace, variants: dict[str, dict[str, Any]], k: int) -> list[str]:
     """Pair every fold model (and final model) that both sources have; returns the pairs with at least one."""
-    from ccfnet_core.pair import assemble_pair
+    from ccfnet_core.pair import assemble_pair, pair_members
 
     built = []
     for name, sources in load_pairs(args.config).items():
         loc, cls = (_pair_source(args, variants, sources[key]) for key in ("localiser", "classifier"))
-        out = args.out / name / "final.pt"
-        members = [(fold_checkpoint(loc, f), fold_checkpoint(cls, f), fold_checkpoint(out, f)) for f in range(k)]
-        for loc_path, cls_path, out_path in [*members, (loc, cls, out)]:
+        for loc_path, cls_path, out_path in pair_members(loc, cls, args.out / name / "final.pt", k):
             if loc_path.is_file() and cls_path.is_file():
                 assemble_pair(loc_path, cls_path, out_path)
                 built.append(name)

@@ -64,12 +64,19 @@ def assemble_pair(localiser: Path, classifier: Path, out: Path, half: bool = Tru
     return save_model(out, PairedCCFNet(loc_model, cls_model), card, half=half)
 
 
+def pair_members(localiser: Path, classifier: Path, out: Path, folds: int) -> list[tuple[Path, Path, Path]]:
+    """(localiser, classifier, pair) paths of each fold model (`<stem>.folds/fold<k>.pt`), then of the final one."""
+    fold = fold_checkpoint
+    members = [(fold(localiser, k), fold(classifier, k), fold(out, k)) for k in range(folds)]
+    return [*members, (localiser, classifier, out)]
+
+
 def assemble_pair_with_folds(localiser: Path, classifier: Path, out: Path, folds: int) -> ModelCard:
     """The pair of the final models and of each of the `folds` fold models (all must exist)."""
-    for k in range(folds):
-        for source in (localiser, classifier):
-            if not fold_checkpoint(source, k).is_file():
-                raise FileNotFoundError(f"pairing fold {k} needs {fold_checkpoint(source, k)}")
-    for k in range(folds):
-        assemble_pair(fold_checkpoint(localiser, k), fold_checkpoint(classifier, k), fold_checkpoint(out, k))
-    return assemble_pair(localiser, classifier, out)
+    members = pair_members(localiser, classifier, out, folds)
+    for source in (path for loc, cls, _ in members[:-1] for path in (loc, cls)):
+        if not source.is_file():
+            raise FileNotFoundError(f"pairing the fold models needs {source}")
+    for loc, cls, pair in members:
+        card = assemble_pair(loc, cls, pair)
+    return card
