@@ -256,16 +256,21 @@ def pair(
     classifier: Path = typer.Option(..., help="checkpoint whose P(abnormal) the pair gives at those points"),
     out: Path = typer.Option(..., help="pair checkpoint to write"),
     folds: int = typer.Option(0, help="also pair the K fold models beside both (<stem>.folds/fold<k>.pt)"),
+    logits: str = typer.Option("classifier", help="P(abnormal) from the classifier's logits, or the mean of both's"),
 ) -> None:
     """One checkpoint from two trained networks: points from the localiser, abnormality from the classifier."""
-    from ccfnet_core.pair import assemble_pair, assemble_pair_with_folds
+    from ccfnet_core.pair import assemble_pair, assemble_pair_with_folds, check_logits
 
+    try:
+        check_logits(logits)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from exc
     if folds:
-        card = assemble_pair_with_folds(localiser, classifier, out, folds)
+        card = assemble_pair_with_folds(localiser, classifier, out, folds, logits)
     else:
-        card = assemble_pair(localiser, classifier, out)
+        card = assemble_pair(localiser, classifier, out, logits=logits)
     typer.echo(json.dumps({"model": str(out), "arch": card.arch, "weights_sha256": card.weights_sha256,
-                           "fold_models": folds}))
+                           "fold_models": folds, "logits": logits}))
 
 
 # --------------------------------------------------------------------------------------------- predict

@@ -48,11 +48,19 @@ def load_variants(config_path: Path) -> dict[str, dict[str, Any]]:
 
 
 def load_pairs(config_path: Path) -> dict[str, dict[str, str]]:
-    """[pairs.NAME] tables -> NAME -> {localiser, classifier}; each a variant name or a checkpoint path."""
+    """[pairs.NAME] tables -> NAME -> {localiser, classifier, logits}; each source a variant name or a checkpoint
+    path; `logits` (optional, default "classifier") as `ccfnet pair --logits`."""
+    from ccfnet_core.pair import check_logits
+
     pairs = tomllib.loads(config_path.read_text()).get("pairs", {})
     for name, sources in pairs.items():
-        if set(sources) != {"localiser", "classifier"}:
-            raise ValueError(f"[pairs.{name}] needs exactly `localiser` and `classifier`")
+        if not {"localiser", "classifier"} <= set(sources) <= {"localiser", "classifier", "logits"}:
+            raise ValueError(f"[pairs.{name}] needs `localiser` and `classifier` (and optionally `logits`)")
+        sources.setdefault("logits", "classifier")
+        try:
+            check_logits(sources["logits"])
+        except ValueError as exc:
+            raise ValueError(f"[pairs.{name}] {exc}") from exc
     return pairs
 
 
@@ -69,7 +77,7 @@ def build_pairs(args: argparse.Namespace, variants: dict[str, dict[str, Any]], k
         loc, cls = (_pair_source(args, variants, sources[key]) for key in ("localiser", "classifier"))
         for loc_path, cls_path, out_path in pair_members(loc, cls, args.out / name / "final.pt", k):
             if loc_path.is_file() and cls_path.is_file():
-                assemble_pair(loc_path, cls_path, out_path)
+                assemble_pair(loc_path, cls_path, out_path, logits=sources["logits"])
                 built.append(name)
     return list(dict.fromkeys(built))
 

@@ -243,27 +243,41 @@ class CCFNet(nn.Module):
 
 class PairedCCFNet(nn.Module):
     """Two CCF-Nets of one architecture with one 44-map output: heatmaps and offsets from `localiser`, logits
-    from `classifier`.
+    from `classifier` (or, with `localiser_logit_share`, a weighted mean of both networks' logits).
 
     Why: trained from scratch, one network trades localisation for classification through the weight of its BCE
-    terms (docs/model.md); a pair keeps the best of each weight. The paper's network is unchanged, only run twice.
-    Pairs are assembled from two trained checkpoints (`ccfnet_core.pair`), not trained as one.
+    terms (docs/model.md); a pair keeps the best of each weight. The localiser's own logits are a second opinion
+    on the grade at no extra cost, so the pair can average them in (`PAIR_LOGITS`). The paper's network is
+    unchanged, only run twice. Pairs are assembled from two trained checkpoints (`ccfnet_core.pair`), not trained
+    as one; the share is a buffer, so it is saved with the weights and covered by their digest.
     """
 
-    def __init__(self, localiser: CCFNet, classifier: CCFNet):
+    localiser_logit_share: Tensor
+
+    def __init__(self, localiser: CCFNet, classifier: CCFNet, localiser_logit_share: float = 0.0):
         super().__init__()
         if localiser.spec != classifier.spec:
             raise ValueError(f"a pair needs one architecture, not {localiser.spec.name} + {classifier.spec.name}")
+        if not 0.0 <= localiser_logit_share < 1.0:
+            raise ValueError(f"the localiser's logit share must be in [0, 1), not {localiser_logit_share}")
         self.localiser = localiser
         self.classifier = classifier
         self.spec = localiser.spec
         self.stride = localiser.stride
+        self.register_buffer("localiser_logit_share", torch.tensor(float(localiser_logit_share)))
 
     def forward(self, x: Tensor) -> Tensor:
-        """(N, 3, H, W) -> (N, 44, h, w): the localiser's 33 point maps, then the classifier's 11 logits."""
-        points = self.localiser(x)[:, : 3 * NUM_STRUCTURES]
+        """(N, 3, H, W) -> (N, 44, h, w): the localiser's 33 point maps, then the 11 logits (see the class)."""
+        located = self.localiser(x)
+        points = located[:, : 3 * NUM_STRUCTURES]
         logits = self.classifier(x)[:, 3 * NUM_STRUCTURES :]
+        share = self.localiser_logit_share.to(logits.dtype)  # 0 gives the classifier's logits exactly
+        logits = (1 - share) * logits + share * located[:, 3 * NUM_STRUCTURES :]
         return torch.cat([points, logits], dim=1)
+
+
+# How a pair's 11 logits are made: "classifier" = the classifier's alone; "mean" = the mean of both networks'.
+PAIR_LOGITS: dict[str, float] = {"classifier": 0.0, "mean": 0.5}
 
 
 Network = CCFNet | PairedCCFNet
@@ -323,12 +337,14 @@ def resnet50_baseline() -> CCFNet:
 
 @register_model("r18-msc" + PAIR_SUFFIX)
 def ccfnet_r18_msc_pair() -> PairedCCFNet:
-    return PairedCCFNet(*(_create_ccfnet("r18-msc", BasicBlock, (2, 2, 2), msc=True) for _ in range(2)))
+    localiser, classifier = (_create_ccfnet("r18-msc", BasicBlock, (2, 2, 2), msc=True) for _ in range(2))
+    return PairedCCFNet(localiser, classifier)
 
 
 @register_model("r50-msc" + PAIR_SUFFIX)
 def ccfnet_r50_msc_pair() -> PairedCCFNet:
-    return PairedCCFNet(*(_create_ccfnet("r50-msc", Bottleneck, (3, 4, 6), msc=True) for _ in range(2)))
+    localiser, classifier = (_create_ccfnet("r50-msc", Bottleneck, (3, 4, 6), msc=True) for _ in range(2))
+    return PairedCCFNet(localiser, classifier)
 
 
 def count_parameters(model: nn.Module) -> int:

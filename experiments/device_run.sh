@@ -35,14 +35,14 @@ PY
 echo "best variant: ${best:-none}"
 if [ -n "$best" ]; then
   sources=$("$PY" -c "import pathlib, sys; from ccfnet_core.experiment import load_pairs; \
-p = load_pairs(pathlib.Path(sys.argv[1])).get(sys.argv[2]); print(p['localiser'], p['classifier']) if p else None" \
+p = load_pairs(pathlib.Path(sys.argv[1])).get(sys.argv[2]); print(p['localiser'], p['classifier'], p['logits']) if p else None" \
     "$CONFIG" "$best")
   if [ -z "$sources" ]; then
     copy_models "$best"
   else
     set -- $sources
     if [ -f "runs/gpu/$1/final.pt" ]; then copy_models "$1"; fi
-    echo "best is the pair $best: localiser $1, classifier $2"
+    echo "best is the pair $best: localiser $1, classifier $2, logits $3 (ccfnet pair ... --logits $3 --folds 4)"
     if [ -f "runs/gpu/$2/final.pt" ]; then echo "next call at once: FETCH=$2 bash experiments/device_run.sh"; fi
   fi
   "$PY" bench/inference.py --checkpoint "runs/gpu/$best/final.pt" --repeat 30 2>&1 | tee "$OUT/inference.txt"

@@ -61,15 +61,23 @@ def test_the_pair_forward_is_the_localisers_point_maps_and_the_classifiers_logit
     assert torch.equal(out[:, :33], a[:, :33]) and torch.equal(out[:, 33:], b[:, 33:])
     assert not torch.allclose(a[:, 33:], b[:, 33:])
     assert count_parameters(create_model("r18-msc-pair")) == 2 * count_parameters(create_model("r18-msc"))
+    with torch.no_grad():
+        mean = PairedCCFNet(loc, cls, localiser_logit_share=0.5)(x)
+    assert torch.equal(mean[:, :33], a[:, :33])
+    torch.testing.assert_close(mean[:, 33:], (a[:, 33:] + b[:, 33:]) / 2)
 
 
-def test_an_assembled_pair_predicts_localiser_points_and_classifier_probabilities_there(tmp_path: Path) -> None:
+@pytest.mark.parametrize("logits", ["classifier", "mean"])
+def test_an_assembled_pair_predicts_localiser_points_and_classifier_probabilities_there(
+    tmp_path: Path, logits: str
+) -> None:
     loc = _save(tmp_path / "loc.pt", 1)
     cls = _save(tmp_path / "cls.pt", 2)
-    card = assemble_pair(loc, cls, tmp_path / "pair.pt")
+    card = assemble_pair(loc, cls, tmp_path / "pair.pt", logits=logits)
     model, loaded = load_model(tmp_path / "pair.pt")
     assert isinstance(model, PairedCCFNet) and loaded.arch == "r18-msc-pair" == card.arch
     recipe = loaded.recipe
+    assert recipe["logits"] == logits
     assert recipe["localiser"]["weights_sha256"] == load_model(loc)[1].weights_sha256
     assert recipe["classifier"]["weights_sha256"] == load_model(cls)[1].weights_sha256
 
@@ -80,7 +88,9 @@ def test_an_assembled_pair_predicts_localiser_points_and_classifier_probabilitie
     batch = torch.cat([resize_input(image, SIZE) for image in images])
     with torch.no_grad():
         cls_logits = split_output(forward_tta(cls_model, batch)).logits
-        loc_heat = split_output(forward_tta(load_model(loc)[0], batch)).heatmaps
+        loc_heat, _, _, loc_logits = split_output(forward_tta(load_model(loc)[0], batch))
+    if logits == "mean":
+        cls_logits = (cls_logits + loc_logits) / 2
     cells = loc_heat.flatten(2).argmax(-1)
     expected = torch.sigmoid(cls_logits.flatten(2).gather(2, cells[..., None]).squeeze(-1)).numpy()
     for pair_pred, loc_pred, probs in zip(pair_predictions, loc_predictions, expected, strict=True):
@@ -133,12 +143,17 @@ def test_the_cli_pairs_checkpoints_and_says_what_is_missing(tmp_path: Path) -> N
     assert json.loads(ok.output)["arch"] == "r18-msc-pair"
     missing = runner.invoke(app, [*sources, "--out", str(tmp_path / "q.pt"), "--folds", "4"])
     assert missing.exit_code == 2 and "loc.folds/fold0.pt" in missing.output and "Traceback" not in missing.output
+    bad = runner.invoke(app, [*sources, "--out", str(tmp_path / "r.pt"), "--logits", "max"])
+    assert bad.exit_code == 2 and "classifier, mean" in bad.output and not (tmp_path / "r.pt").exists()
 
 
 def test_experiment_pairs_need_both_sources(tmp_path: Path) -> None:
     config = tmp_path / "exp.toml"
     config.write_text('[variants.a]\n[pairs.p]\nlocaliser = "a"\nclassifier = "models/x.pt"\n')
-    assert load_pairs(config) == {"p": {"localiser": "a", "classifier": "models/x.pt"}}
+    assert load_pairs(config) == {"p": {"localiser": "a", "classifier": "models/x.pt", "logits": "classifier"}}
     config.write_text('[pairs.p]\nlocaliser = "a"\n')
-    with pytest.raises(ValueError, match="exactly"):
+    with pytest.raises(ValueError, match="needs `localiser` and `classifier`"):
+        load_pairs(config)
+    config.write_text('[pairs.p]\nlocaliser = "a"\nclassifier = "b"\nlogits = "max"\n')
+    with pytest.raises(ValueError, match=r"\[pairs\.p\] pair logits must be one of classifier, mean"):
         load_pairs(config)
