@@ -9,9 +9,10 @@ import pytest
 
 from ccfnet_core.checkpoint import load_model
 from ccfnet_core.datasets import read_dataset
-from ccfnet_core.experiment import main
+from ccfnet_core.experiment import load_pairs, load_variants, main
 from ccfnet_core.folds import make_folds, save_folds
 from ccfnet_core.phantom import write_phantom_studies
+from ccfnet_core.train import TrainConfig
 
 CONFIG = """
 [base]
@@ -86,3 +87,19 @@ def test_a_partly_done_experiment_is_scored_on_its_finished_folds(
         assert list(partial["per_fold"]) == ["0"] and partial["studies"] == 3
         assert not (out / name / "cv_metrics.json").exists()
     assert (out / "both" / "final.folds" / "fold0.pt").is_file() and not (out / "both" / "final.pt").exists()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_committed_experiment_configs_are_valid(config: Path) -> None:
+    """A typo in a committed experiment (an unknown option, a pair of an unknown source) would otherwise surface
+    only on a lent GPU, minutes into its 15."""
+    variants = load_variants(config)
+    for options in variants.values():
+        TrainConfig.from_mapping(options)
+    for name, sources in load_pairs(config).items():
+        for role in ("localiser", "classifier"):
+            source = sources[role]
+            assert source in variants or (REPO / source).is_file(), f"[pairs.{name}] {role} {source} not found"
