@@ -257,52 +257,20 @@ def pair(
     out: Path = typer.Option(..., help="pair checkpoint to write"),
     folds: int = typer.Option(0, help="also pair the K fold models beside both (<stem>.folds/fold<k>.pt)"),
     logits: str = typer.Option("classifier", help="P(abnormal) from the classifier's logits, or the mean of both's"),
-    context_data: Path | None = typer.Option(
-        None, help="fit the pair's study context on the out-of-fold logits of this data set (needs --folds)"
-    ),
-    context_folds: Path | None = typer.Option(None, help="the folds file the fold models were trained on"),
 ) -> None:
-    """One checkpoint from two trained networks: points from the localiser, abnormality from the classifier.
-
-    With --context-data and --context-folds, each logit is then re-read in study context (ccfnet_core.context),
-    fitted on out-of-fold logits only: fold pair k on the other folds' held-out studies, the final pair on all.
-    """
-    from ccfnet_core.pair import assemble_pair, assemble_pair_with_folds, check_logits, fit_pair_context
+    """One checkpoint from two trained networks: points from the localiser, abnormality from the classifier."""
+    from ccfnet_core.pair import assemble_pair, assemble_pair_with_folds, check_logits
 
     try:
         check_logits(logits)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from exc
-    if (context_data is None) != (context_folds is None):
-        raise UsageProblem("--context-data and --context-folds go together")
-    if context_data is not None and not folds:
-        raise UsageProblem("fitting the study context needs the fold models: give --folds K")
-    context_samples = _context_samples(context_data, context_folds) if context_data and context_folds else None
     if folds:
         card = assemble_pair_with_folds(localiser, classifier, out, folds, logits)
     else:
         card = assemble_pair(localiser, classifier, out, logits=logits)
-    if context_samples is not None and context_folds is not None:
-        from ccfnet_core.folds import load_folds
-
-        card = fit_pair_context(out, context_samples, load_folds(context_folds), folds)
     typer.echo(json.dumps({"model": str(out), "arch": card.arch, "weights_sha256": card.weights_sha256,
-                           "fold_models": folds, "logits": logits, "context": card.recipe.get("context")}))
-
-
-def _context_samples(data: Path, folds_path: Path) -> list[Any]:
-    """The unflagged studies of `data`, each of which must be in the folds file."""
-    from ccfnet_core.datasets import read_dataset
-    from ccfnet_core.folds import load_folds
-
-    samples = [s for s in read_dataset(data) if not s.flag]
-    assignment = load_folds(folds_path)
-    missing = [s.study_id for s in samples if s.study_id not in assignment]
-    if missing:
-        raise UsageProblem(f"{len(missing)} studies of {data} are not in {folds_path} (e.g. {missing[0]})")
-    if not samples:
-        raise UsageProblem(f"no unflagged studies in {data} to fit the study context on")
-    return samples
+                           "fold_models": folds, "logits": logits}))
 
 
 # --------------------------------------------------------------------------------------------- predict

@@ -24,11 +24,11 @@ def forward_tta(model: nn.Module, images: Tensor, flip: bool = True) -> Tensor:
     return torch.cat([(heat + heat_f) / 2, off_y, off_x, (logits + logits_f) / 2], dim=1)
 
 
-def decode_logits(output: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(N, 44, h, w) -> points (N, 11, 2) as (x, y) edge coordinates of the input, logit (N, 11), peak (N, 11).
+def decode(output: Tensor, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, 44, h, w) -> points (N, 11, 2) as (x, y) edge coordinates of the input, P(abnormal) (N, 11), peak (N, 11).
 
     Per channel: the argmax cell, then point = ((col + off_x + 0.5) * stride, (row + off_y + 0.5) * stride);
-    the abnormality logit is the one at that cell.
+    probability = sigmoid(logit at that cell).
     """
     heat, off_y, off_x, logits = split_output(output.float())
     n, k, h, w = heat.shape
@@ -42,21 +42,8 @@ def decode_logits(output: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor]:
 
     x = (col.float() + at_peak(off_x) + 0.5) * stride
     y = (row.float() + at_peak(off_y) + 0.5) * stride
-    return torch.stack([x, y], dim=-1), at_peak(logits), peak_value
-
-
-def decode(
-    output: Tensor, stride: int, context: nn.Module | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, 44, h, w) -> points (N, 11, 2), P(abnormal) (N, 11), peak (N, 11) as numpy (see `decode_logits`).
-
-    P(abnormal) = sigmoid(logit at the peak cell), or sigmoid(context(logits)) where the network re-reads its
-    logits in study context (`ccfnet_core.context.StudyContext`).
-    """
-    points, logits, peak_value = decode_logits(output, stride)
-    if context is not None:
-        logits = context(logits)
-    prob = torch.sigmoid(logits)
+    prob = torch.sigmoid(at_peak(logits))
+    points = torch.stack([x, y], dim=-1)
     return points.cpu().numpy().astype(np.float64), prob.cpu().numpy().astype(np.float64), (
         peak_value.cpu().numpy().astype(np.float64)
     )

@@ -8,8 +8,7 @@ table last.
     python -m ccfnet_core.experiment --data DIR --folds FILE --config exp.toml --out runs/exp --parallel 5
 
 A `[pairs.NAME]` table (`localiser = ...`, `classifier = ...`, each a variant of the file or a checkpoint path with
-its `.folds/` beside it) is assembled after the variants finish (`ccfnet_core.pair`) and reported as a row too;
-with `context = true` its study context is fitted on out-of-fold logits once every fold pair exists.
+its `.folds/` beside it) is assembled after the variants finish (`ccfnet_core.pair`) and reported as a row too.
 """
 
 from __future__ import annotations
@@ -48,20 +47,16 @@ def load_variants(config_path: Path) -> dict[str, dict[str, Any]]:
     return {name: {**base, **overrides} for name, overrides in variants.items()}
 
 
-def load_pairs(config_path: Path) -> dict[str, dict[str, Any]]:
-    """[pairs.NAME] tables -> NAME -> {localiser, classifier, logits, context}; each source a variant name or a
-    checkpoint path; `logits` (optional, default "classifier") as `ccfnet pair --logits`; `context` (optional,
-    default false) as `ccfnet pair --context-data`."""
+def load_pairs(config_path: Path) -> dict[str, dict[str, str]]:
+    """[pairs.NAME] tables -> NAME -> {localiser, classifier, logits}; each source a variant name or a checkpoint
+    path; `logits` (optional, default "classifier") as `ccfnet pair --logits`."""
     from ccfnet_core.pair import check_logits
 
     pairs = tomllib.loads(config_path.read_text()).get("pairs", {})
-    allowed = {"localiser", "classifier", "logits", "context"}
     for name, sources in pairs.items():
-        if not {"localiser", "classifier"} <= set(sources) <= allowed:
-            raise ValueError(f"[pairs.{name}] needs `localiser` and `classifier` (and optionally `logits`, `context`)")
+        if not {"localiser", "classifier"} <= set(sources) <= {"localiser", "classifier", "logits"}:
+            raise ValueError(f"[pairs.{name}] needs `localiser` and `classifier` (and optionally `logits`)")
         sources.setdefault("logits", "classifier")
-        if not isinstance(sources.setdefault("context", False), bool):
-            raise ValueError(f"[pairs.{name}] `context` must be true or false")
         try:
             check_logits(sources["logits"])
         except ValueError as exc:
@@ -75,20 +70,15 @@ def _pair_source(args: argparse.Namespace, variants: dict[str, dict[str, Any]], 
 
 def build_pairs(args: argparse.Namespace, variants: dict[str, dict[str, Any]], k: int) -> list[str]:
     """Pair every fold model (and final model) that both sources have; returns the pairs with at least one."""
-    from ccfnet_core.pair import assemble_pair, fit_pair_context, pair_members
+    from ccfnet_core.pair import assemble_pair, pair_members
 
     built = []
     for name, sources in load_pairs(args.config).items():
         loc, cls = (_pair_source(args, variants, sources[key]) for key in ("localiser", "classifier"))
-        members = pair_members(loc, cls, args.out / name / "final.pt", k)
-        for loc_path, cls_path, out_path in members:
+        for loc_path, cls_path, out_path in pair_members(loc, cls, args.out / name / "final.pt", k):
             if loc_path.is_file() and cls_path.is_file():
                 assemble_pair(loc_path, cls_path, out_path, logits=sources["logits"])
                 built.append(name)
-        if sources["context"] and all(out_path.is_file() for _, _, out_path in members):
-            fit_pair_context(args.out / name / "final.pt", usable(read_dataset(args.data)), load_folds(args.folds), k)
-        elif sources["context"]:
-            print(f"{name}: study context not fitted until every fold pair exists (reported without it)")
     return list(dict.fromkeys(built))
 
 

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccfnet_core.checkpoint import ModelCard, load_model
-from ccfnet_core.decode import decode, decode_logits, forward_tta
+from ccfnet_core.decode import decode, forward_tta
 from ccfnet_core.geometry import from_input_space
-from ccfnet_core.model import PairedCCFNet
 from ccfnet_core.sample import Prediction
 
 
@@ -32,20 +31,6 @@ def resize_input(image: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def _forward_batches(
-    model: nn.Module, images: Sequence[np.ndarray], input_size: int, device: torch.device, flip: bool, batch_size: int
-) -> list[tuple[Sequence[np.ndarray], torch.Tensor]]:
-    """Each chunk of images with its flip-TTA output maps."""
-    model.eval()
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        batch = torch.cat([resize_input(image, input_size) for image in chunk]).to(device)
-        with torch.no_grad():
-            outputs.append((chunk, forward_tta(model, batch, flip=flip)))
-    return outputs
-
-
 def predict_images(
     model: nn.Module,
     images: Sequence[np.ndarray],
@@ -55,15 +40,15 @@ def predict_images(
     flip: bool = True,
     batch_size: int = 8,
 ) -> list[Prediction]:
-    """Predict the 11 points and probabilities for each (3, H, W) image, in that image's pixel indices.
-
-    A pair's probabilities come from its logits in study context (`PairedCCFNet.context`, identity until fitted).
-    """
-    context = model.context if isinstance(model, PairedCCFNet) else None
+    """Predict the 11 points and probabilities for each (3, H, W) image, in that image's pixel indices."""
     predictions: list[Prediction] = []
-    for chunk, output in _forward_batches(model, images, input_size, device, flip, batch_size):
+    model.eval()
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        batch = torch.cat([resize_input(image, input_size) for image in chunk]).to(device)
         with torch.no_grad():
-            points, probs, peaks = decode(output, stride, context)
+            output = forward_tta(model, batch, flip=flip)
+        points, probs, peaks = decode(output, stride)
         for image, pts, prob, peak in zip(chunk, points, probs, peaks, strict=True):
             height, width = image.shape[-2:]
             predictions.append(
@@ -74,15 +59,6 @@ def predict_images(
                 )
             )
     return predictions
-
-
-def point_logits(
-    model: nn.Module, images: Sequence[np.ndarray], input_size: int, stride: int, device: torch.device
-) -> np.ndarray:
-    """(len(images), 11) abnormality logits at the decoded points, before any study context (what it is fitted on)."""
-    batches = _forward_batches(model, images, input_size, device, flip=True, batch_size=8)
-    rows = [decode_logits(output, stride)[1] for _, output in batches]
-    return torch.cat(rows).cpu().numpy().astype(np.float64) if rows else np.zeros((0, 11))
 
 
 class Predictor:

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ccfnet_core.context import StudyContext
 from ccfnet_core.structures import NUM_STRUCTURES
 
 OUTPUT_CHANNELS = 4 * NUM_STRUCTURES
@@ -250,9 +249,7 @@ class PairedCCFNet(nn.Module):
     terms (docs/model.md); a pair keeps the best of each weight. The localiser's own logits are a second opinion
     on the grade at no extra cost, so the pair can average them in (`PAIR_LOGITS`). The paper's network is
     unchanged, only run twice. Pairs are assembled from two trained checkpoints (`ccfnet_core.pair`), not trained
-    as one; the share is a buffer, so it is saved with the weights and covered by their digest. `context` re-reads the
-    decoded logits in study context (`ccfnet_core.context`); it is applied after decoding, and is the identity
-    until fitted on out-of-fold logits (`ccfnet_core.pair.fit_pair_context`).
+    as one; the share is a buffer, so it is saved with the weights and covered by their digest.
     """
 
     localiser_logit_share: Tensor
@@ -268,7 +265,6 @@ class PairedCCFNet(nn.Module):
         self.spec = localiser.spec
         self.stride = localiser.stride
         self.register_buffer("localiser_logit_share", torch.tensor(float(localiser_logit_share)))
-        self.context = StudyContext()
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, 44, h, w): the localiser's 33 point maps, then the 11 logits (see the class)."""

@@ -6,25 +6,15 @@ and reads the classifier's logits at the localiser's points (`ccfnet_core.model.
 `logits="mean"` it reads the mean of both networks' logits there, a two-member ensemble for the grade. Its card names
 both sources by version and weights digest. Fold models beside both sources (`<stem>.folds/fold<k>.pt`) are paired
 fold by fold, so `ccfnet evaluate --folds` scores the pair out of fold exactly as it scores one network.
-`fit_pair_context` then fits the pair's study context (`ccfnet_core.context`) on out-of-fold logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from ccfnet_core.checkpoint import ModelCard, load_model, new_card, save_model
-from ccfnet_core.context import CONTEXT_FEATURES, CONTEXT_L2, CONTEXT_TYPES, fit_context, identity_weights
 from ccfnet_core.evaluate import fold_checkpoint
-from ccfnet_core.inference import point_logits
 from ccfnet_core.model import PAIR_LOGITS, PAIR_SUFFIX, CCFNet, PairedCCFNet
-from ccfnet_core.sample import SliceSample
-from ccfnet_core.structures import NUM_STRUCTURES
 
 
 def _source(card: ModelCard, path: Path) -> dict[str, object]:
@@ -114,56 +104,3 @@ def assemble_pair_with_folds(
     for loc, cls, pair in members:
         card = assemble_pair(loc, cls, pair, logits=logits)
     return card
-
-
-def _load_pair(path: Path) -> tuple[PairedCCFNet, ModelCard]:
-    model, card = load_model(path)
-    if not isinstance(model, PairedCCFNet):
-        raise ValueError(f"{path} is not a pair checkpoint; study context is fitted on pairs")
-    return model, card
-
-
-def _write_context(path: Path, weights: torch.Tensor, fitted_on: str, l2: float) -> ModelCard:
-    """Rewrite the pair at `path` (half precision) with these context weights, named in its card's recipe."""
-    model, card = _load_pair(path)
-    model.context.weights.copy_(weights.half().float())  # what the half-precision file will hold
-    shipped = model.context.weights
-    recipe = dict(card.recipe)
-    recipe["context"] = {
-        "what": "each logit re-read in study context by a logistic regression per structure type",
-        "features": list(CONTEXT_FEATURES),
-        "weights": {name: [round(float(v), 4) for v in shipped[t]] for t, name in enumerate(CONTEXT_TYPES)},
-        "l2": l2,
-        "fitted_on": fitted_on,
-    }
-    return save_model(path, model, replace(card, recipe=recipe, metrics={}), half=True)
-
-
-def fit_pair_context(
-    out: Path, samples: Sequence[SliceSample], folds: Mapping[str, int], k: int, l2: float = CONTEXT_L2
-) -> ModelCard:
-    """Fit the study context of the pair at `out` and of its k fold pairs; rewrite them; returns the final card.
-
-    Each fold pair's held-out logits (context off) are collected first. Fold pair f then gets weights fitted on
-    the other folds' held-out logits and labels, never on its own held-out studies, so `ccfnet evaluate --folds`
-    stays out of fold; the final pair gets weights fitted on all of them.
-    """
-    fold_of = np.array([folds[s.study_id] for s in samples])
-    logits = np.full((len(samples), NUM_STRUCTURES), np.nan)
-    for f in range(k):
-        members = np.flatnonzero(fold_of == f)
-        if members.size == 0:
-            raise ValueError(f"no study of fold {f} to fit the study context on")
-        model, card = _load_pair(fold_checkpoint(out, f))
-        model.context.weights.copy_(identity_weights())
-        images = [samples[int(i)].image for i in members]
-        logits[members] = point_logits(model, images, card.input_size, card.stride, torch.device("cpu"))
-    targets = np.stack([s.abnormal_targets() for s in samples])
-    for f in range(k):
-        rest = fold_of != f
-        weights = fit_context(logits[rest], targets[rest], l2)
-        others = ", ".join(str(g) for g in range(k) if g != f)
-        _write_context(fold_checkpoint(out, f), weights, f"out-of-fold logits of folds {others} "
-                       f"({int(rest.sum())} studies)", l2)
-    fitted_on = f"out-of-fold logits of all {k} folds ({len(samples)} studies)"
-    return _write_context(out, fit_context(logits, targets, l2), fitted_on, l2)

@@ -16,7 +16,7 @@ from ccfnet_core.evaluate import fold_checkpoint, predict_out_of_fold
 from ccfnet_core.experiment import load_pairs
 from ccfnet_core.inference import Predictor, resize_input
 from ccfnet_core.model import CCFNet, PairedCCFNet, count_parameters, create_model, split_output
-from ccfnet_core.pair import assemble_pair, assemble_pair_with_folds, fit_pair_context
+from ccfnet_core.pair import assemble_pair, assemble_pair_with_folds
 from ccfnet_core.sample import SliceSample
 from ccfnet_core.train import TrainConfig, Trainer
 from worker.cli import app
@@ -134,47 +134,6 @@ def test_fold_models_are_paired_fold_by_fold_and_score_out_of_fold(tmp_path: Pat
         np.testing.assert_allclose(pair_oof[i].points, loc_oof[i].points, atol=1e-2)
 
 
-def _graded_samples(flip_fold0: bool = False) -> tuple[list[SliceSample], dict[str, int]]:
-    """Eight studies in two folds, each with normal and abnormal vertebrae and discs; `flip_fold0` swaps the grades
-    of fold 0's studies only."""
-    samples = []
-    for i, image in enumerate(_images(8)):
-        flipped = flip_fold0 and i % 2 == 0
-        labels = tuple(frozenset({"v2" if (k + i + flipped) % 2 else "v1"}) for k in range(11))
-        samples.append(SliceSample(f"s{i}", image, np.full((11, 2), 40.0), labels, (1.0, 1.0)))
-    return samples, {f"s{i}": i % 2 for i in range(8)}
-
-
-def test_study_context_is_fitted_out_of_fold_and_used_by_the_pairs_predictions(tmp_path: Path) -> None:
-    loc, cls = _save(tmp_path / "loc.pt", 1), _save(tmp_path / "cls.pt", 2)
-    for k in range(2):
-        _save(fold_checkpoint(loc, k), 10 + k)
-        _save(fold_checkpoint(cls, k), 20 + k)
-    pair = tmp_path / "pair.pt"
-    assemble_pair_with_folds(loc, cls, pair, 2, logits="mean")
-    samples, folds = _graded_samples()
-    plain = predict_out_of_fold(samples, pair, folds, "cpu")
-
-    card = fit_pair_context(pair, samples, folds, 2)
-    assert card.recipe["context"]["fitted_on"] == "out-of-fold logits of all 2 folds (8 studies)"
-    fold0_card = load_model(fold_checkpoint(pair, 0))[1]
-    assert fold0_card.recipe["context"]["fitted_on"].startswith("out-of-fold logits of folds 1 ")
-    fitted = predict_out_of_fold(samples, pair, folds, "cpu")
-    for before, after in zip(plain, fitted, strict=True):
-        np.testing.assert_allclose(after.points, before.points)
-    assert not np.allclose([p.probabilities for p in fitted], [p.probabilities for p in plain], atol=1e-3)
-
-    def weights(path: Path) -> torch.Tensor:
-        model = load_model(path)[0]
-        assert isinstance(model, PairedCCFNet) and not model.context.is_identity
-        return model.context.weights.clone()
-
-    first = [weights(fold_checkpoint(pair, k)) for k in range(2)]
-    fit_pair_context(pair, _graded_samples(flip_fold0=True)[0], folds, 2)  # only fold 0's labels change
-    torch.testing.assert_close(weights(fold_checkpoint(pair, 0)), first[0])  # fold 0 never saw its own labels
-    assert not torch.allclose(weights(fold_checkpoint(pair, 1)), first[1])  # fold 1 was fitted on them
-
-
 def test_the_cli_pairs_checkpoints_and_says_what_is_missing(tmp_path: Path) -> None:
     runner = CliRunner()
     loc, cls = _save(tmp_path / "loc.pt", 1), _save(tmp_path / "cls.pt", 2)
@@ -186,24 +145,15 @@ def test_the_cli_pairs_checkpoints_and_says_what_is_missing(tmp_path: Path) -> N
     assert missing.exit_code == 2 and "loc.folds/fold0.pt" in missing.output and "Traceback" not in missing.output
     bad = runner.invoke(app, [*sources, "--out", str(tmp_path / "r.pt"), "--logits", "max"])
     assert bad.exit_code == 2 and "classifier, mean" in bad.output and not (tmp_path / "r.pt").exists()
-    alone = runner.invoke(app, [*sources, "--out", str(tmp_path / "r.pt"), "--context-data", str(tmp_path)])
-    assert alone.exit_code == 2 and "--context-folds" in alone.output and not (tmp_path / "r.pt").exists()
-    no_folds = [*sources, "--out", str(tmp_path / "r.pt"), "--context-data", str(tmp_path), "--context-folds", "f"]
-    unfolded = runner.invoke(app, no_folds)
-    assert unfolded.exit_code == 2 and "--folds" in unfolded.output and not (tmp_path / "r.pt").exists()
 
 
 def test_experiment_pairs_need_both_sources(tmp_path: Path) -> None:
     config = tmp_path / "exp.toml"
     config.write_text('[variants.a]\n[pairs.p]\nlocaliser = "a"\nclassifier = "models/x.pt"\n')
-    expected = {"localiser": "a", "classifier": "models/x.pt", "logits": "classifier", "context": False}
-    assert load_pairs(config) == {"p": expected}
+    assert load_pairs(config) == {"p": {"localiser": "a", "classifier": "models/x.pt", "logits": "classifier"}}
     config.write_text('[pairs.p]\nlocaliser = "a"\n')
     with pytest.raises(ValueError, match="needs `localiser` and `classifier`"):
         load_pairs(config)
     config.write_text('[pairs.p]\nlocaliser = "a"\nclassifier = "b"\nlogits = "max"\n')
     with pytest.raises(ValueError, match=r"\[pairs\.p\] pair logits must be one of classifier, mean"):
-        load_pairs(config)
-    config.write_text('[pairs.p]\nlocaliser = "a"\nclassifier = "b"\ncontext = "yes"\n')
-    with pytest.raises(ValueError, match=r"\[pairs\.p\] `context` must be true or false"):
         load_pairs(config)
