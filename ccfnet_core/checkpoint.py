@@ -108,10 +108,14 @@ class CheckpointError(ValueError):
 
 
 def save_model(path: Path, model: nn.Module, card: ModelCard, half: bool = False) -> ModelCard:
-    """Write weights + card (and nothing else) to `path`; returns the card with sha256 and dtype filled."""
+    """Write weights + card (and nothing else) to `path`; returns the card with sha256 and dtype filled.
+
+    `half` stores the weights and statistics as float16; a scalar setting kept as a buffer (a pair's or an
+    ensemble's logit share, such as 1/3) stays float32, so it is exactly what was asked for.
+    """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: v.half() if v.is_floating_point() and v.dim() > 0 else v for k, v in state.items()}
     card = replace(card, weights_sha256=state_dict_sha256(state), dtype="float16" if half else "float32")
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()

@@ -253,12 +253,14 @@ def evaluate(
 @_guarded
 def pair(
     localiser: Path = typer.Option(..., help="checkpoint whose points the pair gives"),
-    classifier: Path = typer.Option(..., help="checkpoint whose P(abnormal) the pair gives at those points"),
+    classifier: list[Path] = typer.Option(
+        ..., help="checkpoint whose P(abnormal) the pair gives at those points; repeat it for an ensemble"
+    ),
     out: Path = typer.Option(..., help="pair checkpoint to write"),
     folds: int = typer.Option(0, help="also pair the K fold models beside both (<stem>.folds/fold<k>.pt)"),
-    logits: str = typer.Option("classifier", help="P(abnormal) from the classifier's logits, or the mean of both's"),
+    logits: str = typer.Option("classifier", help="P(abnormal) from the classifiers' logits, or every network's mean"),
 ) -> None:
-    """One checkpoint from two trained networks: points from the localiser, abnormality from the classifier."""
+    """One checkpoint from trained networks: points from the localiser, abnormality from the classifier(s)."""
     from ccfnet_core.pair import assemble_pair, assemble_pair_with_folds, check_logits
 
     try:

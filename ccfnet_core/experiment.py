@@ -8,7 +8,8 @@ table last.
     python -m ccfnet_core.experiment --data DIR --folds FILE --config exp.toml --out runs/exp --parallel 5
 
 A `[pairs.NAME]` table (`localiser = ...`, `classifier = ...`, each a variant of the file or a checkpoint path with
-its `.folds/` beside it) is assembled after the variants finish (`ccfnet_core.pair`) and reported as a row too.
+its `.folds/` beside it; `classifier = [...]` for an ensemble) is assembled after the variants finish
+(`ccfnet_core.pair`) and reported as a row too.
 """
 
 from __future__ import annotations
@@ -47,15 +48,19 @@ def load_variants(config_path: Path) -> dict[str, dict[str, Any]]:
     return {name: {**base, **overrides} for name, overrides in variants.items()}
 
 
-def load_pairs(config_path: Path) -> dict[str, dict[str, str]]:
+def load_pairs(config_path: Path) -> dict[str, dict[str, Any]]:
     """[pairs.NAME] tables -> NAME -> {localiser, classifier, logits}; each source a variant name or a checkpoint
-    path; `logits` (optional, default "classifier") as `ccfnet pair --logits`."""
+    path, `classifier` one or a list of them (an ensemble); `logits` (optional, default "classifier") as
+    `ccfnet pair --logits`."""
     from ccfnet_core.pair import check_logits
 
-    pairs = tomllib.loads(config_path.read_text()).get("pairs", {})
+    pairs: dict[str, dict[str, Any]] = tomllib.loads(config_path.read_text()).get("pairs", {})
     for name, sources in pairs.items():
         if not {"localiser", "classifier"} <= set(sources) <= {"localiser", "classifier", "logits"}:
             raise ValueError(f"[pairs.{name}] needs `localiser` and `classifier` (and optionally `logits`)")
+        classifier = sources["classifier"]
+        if not (isinstance(classifier, str) or (isinstance(classifier, list) and classifier)):
+            raise ValueError(f"[pairs.{name}] `classifier` is a variant or path, or a list of them")
         sources.setdefault("logits", "classifier")
         try:
             check_logits(sources["logits"])
@@ -69,15 +74,17 @@ def _pair_source(args: argparse.Namespace, variants: dict[str, dict[str, Any]], 
 
 
 def build_pairs(args: argparse.Namespace, variants: dict[str, dict[str, Any]], k: int) -> list[str]:
-    """Pair every fold model (and final model) that both sources have; returns the pairs with at least one."""
+    """Pair every fold model (and final model) that all sources have; returns the pairs with at least one."""
     from ccfnet_core.pair import assemble_pair, pair_members
 
     built = []
     for name, sources in load_pairs(args.config).items():
-        loc, cls = (_pair_source(args, variants, sources[key]) for key in ("localiser", "classifier"))
-        for loc_path, cls_path, out_path in pair_members(loc, cls, args.out / name / "final.pt", k):
-            if loc_path.is_file() and cls_path.is_file():
-                assemble_pair(loc_path, cls_path, out_path, logits=sources["logits"])
+        loc = _pair_source(args, variants, sources["localiser"])
+        names = sources["classifier"] if isinstance(sources["classifier"], list) else [sources["classifier"]]
+        cls = [_pair_source(args, variants, source) for source in names]
+        for loc_path, cls_paths, out_path in pair_members(loc, cls, args.out / name / "final.pt", k):
+            if loc_path.is_file() and all(path.is_file() for path in cls_paths):
+                assemble_pair(loc_path, cls_paths, out_path, logits=sources["logits"])
                 built.append(name)
     return list(dict.fromkeys(built))
 

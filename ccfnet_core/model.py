@@ -4,14 +4,15 @@ Trunk: ResNet stem + layer1..layer3 (stride 16). Head: 1x1 to 256, multi-scale c
 context block + pyramid pooling), a bottleneck, and a 1x1 conv to 44 maps: 11 heatmaps, 11 y-offsets,
 11 x-offsets, 11 abnormality logits. The baseline is the full ResNet (layer4, stride 32) with one 1x1 conv.
 Builders register by name in a registry that refuses duplicates. A pair (`r18-msc-pair`) is two such networks read
-as one: points from a localiser, abnormality from a classifier, each trained at its own loss weights.
+as one: points from a localiser, abnormality from a classifier, each trained at its own loss weights; an ensemble
+(`r18-msc-ens3`) adds classifiers whose logits are averaged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -242,54 +243,96 @@ class CCFNet(nn.Module):
 
 
 class PairedCCFNet(nn.Module):
-    """Two CCF-Nets of one architecture with one 44-map output: heatmaps and offsets from `localiser`, logits
-    from `classifier` (or, with `localiser_logit_share`, a weighted mean of both networks' logits).
+    """CCF-Nets of one architecture read as one 44-map output: heatmaps and offsets from `localiser`, logits from
+    `classifier` (with `extra_classifiers`, the mean of all classifiers' logits; with `localiser_logit_share`, a
+    weighted mean of those and the localiser's).
 
     Why: trained from scratch, one network trades localisation for classification through the weight of its BCE
     terms (docs/model.md); a pair keeps the best of each weight. The localiser's own logits are a second opinion
-    on the grade at no extra cost, so the pair can average them in (`PAIR_LOGITS`). The paper's network is
-    unchanged, only run twice. Pairs are assembled from two trained checkpoints (`ccfnet_core.pair`), not trained
-    as one; the share is a buffer, so it is saved with the weights and covered by their digest.
+    on the grade at no extra cost, so the pair can average them in (`PAIR_LOGITS`), and further classifiers
+    (another seed) make an ensemble for the grade (`<arch>-ens<n>`, n networks in all). The paper's network is
+    unchanged, only run several times. Pairs and ensembles are assembled from trained checkpoints
+    (`ccfnet_core.pair`), not trained as one; the share is a buffer, so it is saved with the weights and covered
+    by their digest. A pair has no `extra_classifiers` weights, so its state dict is the same as before they were.
     """
 
     localiser_logit_share: Tensor
 
-    def __init__(self, localiser: CCFNet, classifier: CCFNet, localiser_logit_share: float = 0.0):
+    def __init__(
+        self,
+        localiser: CCFNet,
+        classifier: CCFNet,
+        localiser_logit_share: float = 0.0,
+        extra_classifiers: Sequence[CCFNet] = (),
+    ):
         super().__init__()
-        if localiser.spec != classifier.spec:
-            raise ValueError(f"a pair needs one architecture, not {localiser.spec.name} + {classifier.spec.name}")
+        for other in (classifier, *extra_classifiers):
+            if localiser.spec != other.spec:
+                raise ValueError(f"a pair needs one architecture, not {localiser.spec.name} + {other.spec.name}")
         if not 0.0 <= localiser_logit_share < 1.0:
             raise ValueError(f"the localiser's logit share must be in [0, 1), not {localiser_logit_share}")
         self.localiser = localiser
         self.classifier = classifier
+        self.extra_classifiers = nn.ModuleList(extra_classifiers)
         self.spec = localiser.spec
         self.stride = localiser.stride
         self.register_buffer("localiser_logit_share", torch.tensor(float(localiser_logit_share)))
+
+    @property
+    def networks(self) -> int:
+        """How many networks run per forward: the localiser and every classifier."""
+        return 2 + len(self.extra_classifiers)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, 44, h, w): the localiser's 33 point maps, then the 11 logits (see the class)."""
         located = self.localiser(x)
         points = located[:, : 3 * NUM_STRUCTURES]
         logits = self.classifier(x)[:, 3 * NUM_STRUCTURES :]
-        share = self.localiser_logit_share.to(logits.dtype)  # 0 gives the classifier's logits exactly
+        for extra in self.extra_classifiers:
+            logits = logits + extra(x)[:, 3 * NUM_STRUCTURES :]
+        logits = logits / (1 + len(self.extra_classifiers))
+        share = self.localiser_logit_share.to(logits.dtype)  # 0 gives the classifiers' logits exactly
         logits = (1 - share) * logits + share * located[:, 3 * NUM_STRUCTURES :]
         return torch.cat([points, logits], dim=1)
 
 
-# How a pair's 11 logits are made: "classifier" = the classifier's alone; "mean" = the mean of both networks'.
-PAIR_LOGITS: dict[str, float] = {"classifier": 0.0, "mean": 0.5}
+# How a pair's 11 logits are made: "classifier" = the classifiers' (their mean, if several); "mean" = the mean of
+# every network's, the localiser's included. The value is the localiser's share given the number of networks.
+PAIR_LOGITS: dict[str, Callable[[int], float]] = {
+    "classifier": lambda networks: 0.0,
+    "mean": lambda networks: 1 / networks,
+}
 
 
 Network = CCFNet | PairedCCFNet
 PAIR_SUFFIX = "-pair"
+ENSEMBLE_SUFFIX = "-ens"  # + the number of networks: r18-msc-ens3 is a localiser and two classifiers
+ENSEMBLE_SIZES = (3, 4, 5)
+
+
+def combined_arch(single_arch: str, classifiers: int) -> str:
+    """The registry name of a localiser and `classifiers` classifiers of `single_arch`: a pair or an ensemble."""
+    if classifiers == 1:
+        return single_arch + PAIR_SUFFIX
+    if classifiers + 1 not in ENSEMBLE_SIZES:
+        raise ValueError(f"an ensemble has {ENSEMBLE_SIZES[0]}-{ENSEMBLE_SIZES[-1]} networks, not {classifiers + 1}")
+    return f"{single_arch}{ENSEMBLE_SUFFIX}{classifiers + 1}"
+
+
+def is_combined(arch: str) -> bool:
+    """True for a pair or an ensemble (several networks read as one), False for a single network."""
+    return arch.endswith(PAIR_SUFFIX) or any(arch.endswith(f"{ENSEMBLE_SUFFIX}{n}") for n in ENSEMBLE_SIZES)
 
 _REGISTRY: dict[str, Callable[[], Network]] = {}
 
 
-def register_model(name: str) -> Callable[[Callable[[], Network]], Callable[[], Network]]:
+Builder = TypeVar("Builder", bound=Callable[[], Network])
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
     """Register a builder under `name`; a second builder of the same name is an error, not an overwrite."""
 
-    def decorate(builder: Callable[[], Network]) -> Callable[[], Network]:
+    def decorate(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[name] = builder
@@ -303,7 +346,7 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str) -> Network:
-    """Build a registered architecture by name (`r18-msc`, `r50-msc`, `r18`, `r50`, or one of them + `-pair`)."""
+    """Build a registered architecture by name (`r18-msc`, `r50-msc`, `r18`, `r50`; an MSC one + `-pair`/`-ens3`...)."""
     try:
         builder = _REGISTRY[name]
     except KeyError:
@@ -335,16 +378,17 @@ def resnet50_baseline() -> CCFNet:
     return _create_ccfnet("r50", Bottleneck, (3, 4, 6, 3), msc=False)
 
 
-@register_model("r18-msc" + PAIR_SUFFIX)
-def ccfnet_r18_msc_pair() -> PairedCCFNet:
-    localiser, classifier = (_create_ccfnet("r18-msc", BasicBlock, (2, 2, 2), msc=True) for _ in range(2))
-    return PairedCCFNet(localiser, classifier)
+def _combined_builder(single: Callable[[], CCFNet], classifiers: int) -> Callable[[], PairedCCFNet]:
+    def build() -> PairedCCFNet:
+        localiser, classifier, *extra = (single() for _ in range(1 + classifiers))
+        return PairedCCFNet(localiser, classifier, extra_classifiers=extra)
+
+    return build
 
 
-@register_model("r50-msc" + PAIR_SUFFIX)
-def ccfnet_r50_msc_pair() -> PairedCCFNet:
-    localiser, classifier = (_create_ccfnet("r50-msc", Bottleneck, (3, 4, 6), msc=True) for _ in range(2))
-    return PairedCCFNet(localiser, classifier)
+for _name, _single in (("r18-msc", ccfnet_r18_msc), ("r50-msc", ccfnet_r50_msc)):
+    for _classifiers in (1, *(n - 1 for n in ENSEMBLE_SIZES)):
+        register_model(combined_arch(_name, _classifiers))(_combined_builder(_single, _classifiers))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,7 +15,7 @@ from ccfnet_core.decode import forward_tta
 from ccfnet_core.evaluate import fold_checkpoint, predict_out_of_fold
 from ccfnet_core.experiment import load_pairs
 from ccfnet_core.inference import Predictor, resize_input
-from ccfnet_core.model import CCFNet, PairedCCFNet, count_parameters, create_model, split_output
+from ccfnet_core.model import CCFNet, PairedCCFNet, combined_arch, count_parameters, create_model, split_output
 from ccfnet_core.pair import assemble_pair, assemble_pair_with_folds
 from ccfnet_core.sample import SliceSample
 from ccfnet_core.train import TrainConfig, Trainer
@@ -67,30 +67,49 @@ def test_the_pair_forward_is_the_localisers_point_maps_and_the_classifiers_logit
     torch.testing.assert_close(mean[:, 33:], (a[:, 33:] + b[:, 33:]) / 2)
 
 
-@pytest.mark.parametrize("logits", ["classifier", "mean"])
+def test_an_ensemble_averages_its_classifiers_logits_and_keeps_the_pairs_weights_layout() -> None:
+    loc, cls, extra = _network(1), _network(2), _network(3)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        a, b, c = loc(x), cls(x), extra(x)
+        classifiers = PairedCCFNet(loc, cls, extra_classifiers=[extra])(x)
+        every = PairedCCFNet(loc, cls, localiser_logit_share=1 / 3, extra_classifiers=[extra])(x)
+    assert torch.equal(classifiers[:, :33], a[:, :33])
+    torch.testing.assert_close(classifiers[:, 33:], (b[:, 33:] + c[:, 33:]) / 2)
+    torch.testing.assert_close(every[:, 33:], (a[:, 33:] + b[:, 33:] + c[:, 33:]) / 3)
+    assert count_parameters(create_model("r18-msc-ens3")) == 3 * count_parameters(create_model("r18-msc"))
+    # a pair's state dict has no extra keys, so the shipped pair's weights digest is unchanged
+    assert not any(key.startswith("extra_classifiers") for key in PairedCCFNet(loc, cls).state_dict())
+    with pytest.raises(ValueError, match="3-5 networks, not 6"):
+        combined_arch("r18-msc", 5)
+
+
+@pytest.mark.parametrize(("logits", "classifiers"), [("classifier", 1), ("mean", 1), ("mean", 2)])
 def test_an_assembled_pair_predicts_localiser_points_and_classifier_probabilities_there(
-    tmp_path: Path, logits: str
+    tmp_path: Path, logits: str, classifiers: int
 ) -> None:
     loc = _save(tmp_path / "loc.pt", 1)
-    cls = _save(tmp_path / "cls.pt", 2)
-    card = assemble_pair(loc, cls, tmp_path / "pair.pt", logits=logits)
+    cls_paths = [_save(tmp_path / f"cls{i}.pt", 2 + i) for i in range(classifiers)]
+    card = assemble_pair(loc, cls_paths, tmp_path / "pair.pt", logits=logits)
     model, loaded = load_model(tmp_path / "pair.pt")
-    assert isinstance(model, PairedCCFNet) and loaded.arch == "r18-msc-pair" == card.arch
+    arch = "r18-msc-pair" if classifiers == 1 else "r18-msc-ens3"
+    assert isinstance(model, PairedCCFNet) and loaded.arch == arch == card.arch
     recipe = loaded.recipe
     assert recipe["logits"] == logits
     assert recipe["localiser"]["weights_sha256"] == load_model(loc)[1].weights_sha256
-    assert recipe["classifier"]["weights_sha256"] == load_model(cls)[1].weights_sha256
+    sources = [recipe["classifier"]] if classifiers == 1 else recipe["classifiers"]
+    assert [s["weights_sha256"] for s in sources] == [load_model(path)[1].weights_sha256 for path in cls_paths]
 
     images = _images(3)
     pair_predictions = Predictor.from_checkpoint(tmp_path / "pair.pt", "cpu").predict(images)
     loc_predictions = Predictor.from_checkpoint(loc, "cpu").predict(images)
-    cls_model, _ = load_model(cls)
     batch = torch.cat([resize_input(image, SIZE) for image in images])
     with torch.no_grad():
-        cls_logits = split_output(forward_tta(cls_model, batch)).logits
+        each_logits = [split_output(forward_tta(load_model(path)[0], batch)).logits for path in cls_paths]
         loc_heat, _, _, loc_logits = split_output(forward_tta(load_model(loc)[0], batch))
     if logits == "mean":
-        cls_logits = (cls_logits + loc_logits) / 2
+        each_logits.append(loc_logits)
+    cls_logits = torch.stack(each_logits).mean(0)
     cells = loc_heat.flatten(2).argmax(-1)
     expected = torch.sigmoid(cls_logits.flatten(2).gather(2, cells[..., None]).squeeze(-1)).numpy()
     for pair_pred, loc_pred, probs in zip(pair_predictions, loc_predictions, expected, strict=True):
@@ -145,12 +164,21 @@ def test_the_cli_pairs_checkpoints_and_says_what_is_missing(tmp_path: Path) -> N
     assert missing.exit_code == 2 and "loc.folds/fold0.pt" in missing.output and "Traceback" not in missing.output
     bad = runner.invoke(app, [*sources, "--out", str(tmp_path / "r.pt"), "--logits", "max"])
     assert bad.exit_code == 2 and "classifier, mean" in bad.output and not (tmp_path / "r.pt").exists()
+    second = _save(tmp_path / "cls2.pt", 3)
+    ensemble = runner.invoke(app, [*sources, "--classifier", str(second), "--out", str(tmp_path / "e.pt")])
+    assert ensemble.exit_code == 0, ensemble.output
+    assert json.loads(ensemble.output)["arch"] == "r18-msc-ens3"
 
 
 def test_experiment_pairs_need_both_sources(tmp_path: Path) -> None:
     config = tmp_path / "exp.toml"
     config.write_text('[variants.a]\n[pairs.p]\nlocaliser = "a"\nclassifier = "models/x.pt"\n')
     assert load_pairs(config) == {"p": {"localiser": "a", "classifier": "models/x.pt", "logits": "classifier"}}
+    config.write_text('[pairs.p]\nlocaliser = "a"\nclassifier = ["b", "models/x.pt"]\nlogits = "mean"\n')
+    assert load_pairs(config)["p"]["classifier"] == ["b", "models/x.pt"]
+    config.write_text('[pairs.p]\nlocaliser = "a"\nclassifier = []\n')
+    with pytest.raises(ValueError, match="a variant or path, or a list of them"):
+        load_pairs(config)
     config.write_text('[pairs.p]\nlocaliser = "a"\n')
     with pytest.raises(ValueError, match="needs `localiser` and `classifier`"):
         load_pairs(config)
