@@ -35,6 +35,11 @@ class_weight = 1.0
 [pairs.both]
 localiser = "loc"
 classifier = "cls"
+
+[pairs.all3]
+localiser = "loc"
+classifier = ["cls", "loc"]
+logits = "mean"
 """
 
 
@@ -61,8 +66,8 @@ def test_a_whole_experiment_scores_variants_and_their_pair_out_of_fold(
     assert main(_args(phantom_experiment, out, "--parallel", "2")) == 0
     table = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("variant"))
-    assert [line.split()[0] for line in table[header + 1 :]] == ["loc", "cls", "both"]
-    for name in ("loc", "cls", "both"):
+    assert [line.split()[0] for line in table[header + 1 :]] == ["loc", "cls", "both", "all3"]
+    for name in ("loc", "cls", "both", "all3"):
         metrics = json.loads((out / name / "cv_metrics.json").read_text())
         assert set(metrics["per_fold"]) == {"0", "1"} and metrics["studies"] == 6
         _, card = load_model(out / name / "final.pt")
@@ -70,6 +75,10 @@ def test_a_whole_experiment_scores_variants_and_their_pair_out_of_fold(
     _, pair_card = load_model(out / "both" / "final.pt")
     assert pair_card.arch == "r18-msc-pair"
     assert pair_card.recipe["localiser"]["weights_sha256"] == load_model(out / "loc" / "final.pt")[1].weights_sha256
+    _, ensemble_card = load_model(out / "all3" / "final.pt")
+    assert ensemble_card.arch == "r18-msc-ens3"
+    digests = [load_model(out / name / "final.pt")[1].weights_sha256 for name in ("cls", "loc")]
+    assert [c["weights_sha256"] for c in ensemble_card.recipe["classifiers"]] == digests
 
 
 def test_a_partly_done_experiment_is_scored_on_its_finished_folds(
@@ -81,7 +90,7 @@ def test_a_partly_done_experiment_is_scored_on_its_finished_folds(
     capsys.readouterr()
     assert main(_args(phantom_experiment, out, "--report-only")) == 0
     table = capsys.readouterr().out
-    for name in ("loc", "cls", "both"):
+    for name in ("loc", "cls", "both", "all3"):
         assert f"{name} [folds 0]" in table
         partial = json.loads((out / name / "cv_metrics_partial.json").read_text())
         assert list(partial["per_fold"]) == ["0"] and partial["studies"] == 3
@@ -100,6 +109,11 @@ def test_committed_experiment_configs_are_valid(config: Path) -> None:
     for options in variants.values():
         TrainConfig.from_mapping(options)
     for name, sources in load_pairs(config).items():
-        for role in ("localiser", "classifier"):
-            source = sources[role]
+        classifier = sources["classifier"]
+        for role, source in [("localiser", sources["localiser"]), *(("classifier", c) for c in _listed(classifier))]:
             assert source in variants or (REPO / source).is_file(), f"[pairs.{name}] {role} {source} not found"
+
+
+def _listed(value: str | list[str]) -> list[str]:
+    return value if isinstance(value, list) else [value]
+
