@@ -278,11 +278,6 @@ class PairedCCFNet(nn.Module):
         self.stride = localiser.stride
         self.register_buffer("localiser_logit_share", torch.tensor(float(localiser_logit_share)))
 
-    @property
-    def networks(self) -> int:
-        """How many networks run per forward: the localiser and every classifier."""
-        return 2 + len(self.extra_classifiers)
-
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, 44, h, w): the localiser's 33 point maps, then the 11 logits (see the class)."""
         located = self.localiser(x)
@@ -322,6 +317,7 @@ def combined_arch(single_arch: str, classifiers: int) -> str:
 def is_combined(arch: str) -> bool:
     """True for a pair or an ensemble (several networks read as one), False for a single network."""
     return arch.endswith(PAIR_SUFFIX) or any(arch.endswith(f"{ENSEMBLE_SUFFIX}{n}") for n in ENSEMBLE_SIZES)
+
 
 _REGISTRY: dict[str, Callable[[], Network]] = {}
 
