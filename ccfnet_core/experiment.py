@@ -69,6 +69,12 @@ def load_pairs(config_path: Path) -> dict[str, dict[str, Any]]:
     return pairs
 
 
+def classifier_sources(sources: dict[str, Any]) -> list[str]:
+    """A [pairs.NAME] table's classifiers as a list, whether it names one or several."""
+    classifier = sources["classifier"]
+    return classifier if isinstance(classifier, list) else [classifier]
+
+
 def _pair_source(args: argparse.Namespace, variants: dict[str, dict[str, Any]], source: str) -> Path:
     return args.out / source / "final.pt" if source in variants else Path(source)
 
@@ -80,8 +86,7 @@ def build_pairs(args: argparse.Namespace, variants: dict[str, dict[str, Any]], k
     built = []
     for name, sources in load_pairs(args.config).items():
         loc = _pair_source(args, variants, sources["localiser"])
-        names = sources["classifier"] if isinstance(sources["classifier"], list) else [sources["classifier"]]
-        cls = [_pair_source(args, variants, source) for source in names]
+        cls = [_pair_source(args, variants, source) for source in classifier_sources(sources)]
         for loc_path, cls_paths, out_path in pair_members(loc, cls, args.out / name / "final.pt", k):
             if loc_path.is_file() and all(path.is_file() for path in cls_paths):
                 assemble_pair(loc_path, cls_paths, out_path, logits=sources["logits"])

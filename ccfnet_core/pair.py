@@ -107,11 +107,11 @@ def assemble_pair(
     loc_model, loc_card = load_model(localiser)
     loaded = [load_model(path) for path in cls_paths]
     card = pair_card(loc_card, [c for _, c in loaded], localiser, cls_paths, logits)
-    cls_models = [m for m, _ in loaded]
-    if not isinstance(loc_model, CCFNet) or not all(isinstance(m, CCFNet) for m in cls_models):
+    singles = [m for m in (loc_model, *(m for m, _ in loaded)) if isinstance(m, CCFNet)]
+    if len(singles) != 1 + len(loaded):
         raise ValueError("a pair is made of single networks, not of pairs")
-    first, *extra = (m for m in cls_models if isinstance(m, CCFNet))
-    return save_model(out, PairedCCFNet(loc_model, first, share, extra_classifiers=extra), card, half=half)
+    loc, first, *extra = singles
+    return save_model(out, PairedCCFNet(loc, first, share, extra_classifiers=extra), card, half=half)
 
 
 def pair_members(

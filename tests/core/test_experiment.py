@@ -9,7 +9,7 @@ import pytest
 
 from ccfnet_core.checkpoint import load_model
 from ccfnet_core.datasets import read_dataset
-from ccfnet_core.experiment import load_pairs, load_variants, main
+from ccfnet_core.experiment import classifier_sources, load_pairs, load_variants, main
 from ccfnet_core.folds import make_folds, save_folds
 from ccfnet_core.phantom import write_phantom_studies
 from ccfnet_core.train import TrainConfig
@@ -109,11 +109,8 @@ def test_committed_experiment_configs_are_valid(config: Path) -> None:
     for options in variants.values():
         TrainConfig.from_mapping(options)
     for name, sources in load_pairs(config).items():
-        classifier = sources["classifier"]
-        for role, source in [("localiser", sources["localiser"]), *(("classifier", c) for c in _listed(classifier))]:
+        classifiers = (("classifier", c) for c in classifier_sources(sources))
+        for role, source in [("localiser", sources["localiser"]), *classifiers]:
             assert source in variants or (REPO / source).is_file(), f"[pairs.{name}] {role} {source} not found"
 
-
-def _listed(value: str | list[str]) -> list[str]:
-    return value if isinstance(value, list) else [value]
 
