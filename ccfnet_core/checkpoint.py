@@ -126,6 +126,14 @@ def save_model(path: Path, model: nn.Module, card: ModelCard, half: bool = False
     return card
 
 
+def read_checkpoint(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """Card and tensors as stored, the weights digest verified; CheckpointError if unusable."""
+    card, state = _read(path)
+    if card.weights_sha256 and state_dict_sha256(state) != card.weights_sha256:
+        raise CheckpointError(f"{path}: weights do not match the sha256 in the model card")
+    return card, state
+
+
 def _read(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -143,15 +151,13 @@ def read_card(path: Path) -> ModelCard:
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Network, ModelCard]:
     """Load weights and card, verify the sha256, return the model in eval mode (float32) on `device`."""
-    card, state = _read(path)
-    if card.weights_sha256 and state_dict_sha256(state) != card.weights_sha256:
-        raise CheckpointError(f"{path}: weights do not match the sha256 in the model card")
+    card, state = read_checkpoint(path)
     model = create_model(card.arch)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.to(device).eval(), card
 
 
-DEFAULT_MODEL_NAME = "ccfnet-r18msc-pair-256-tianchi.pt"
+DEFAULT_MODEL_NAME = "ccfnet-r18msc-graded-256-tianchi.pt"
 PHANTOM_MODEL_NAME = "ccfnet-r18msc-phantom.pt"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 

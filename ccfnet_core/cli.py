@@ -1,4 +1,5 @@
-"""Research commands: model-info, train, evaluate, predict, phantom. Thin: parse, delegate, exit code.
+"""Research commands: model-info, train, evaluate, predict, pair, train-grader, attach-grader, phantom. Thin: parse,
+delegate, exit code.
 
 Errors a user can cause (missing files, bad options, unusable data) become a one-line message and exit code 2;
 anything else is a bug and keeps its traceback.
@@ -275,6 +276,54 @@ def pair(
                            "fold_models": folds, "logits": logits}))
 
 
+# --------------------------------------------------------------------------------------------- grader
+@_guarded
+def train_grader(
+    data: Path = typer.Option(..., help="tianchi-slices folder or challenge-layout folder"),
+    folds: Path = typer.Option(..., help="folds file: one grader per fold (held out), then the final one"),
+    out: Path = typer.Option(..., help="final grader checkpoint; fold graders go to <stem>.folds/fold<k>.pt"),
+    epochs: int = typer.Option(30),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the patch grader of every fold and the final one on all usable studies (those that exist are kept)."""
+    from ccfnet_core.datasets import read_dataset
+    from ccfnet_core.folds import load_folds
+    from ccfnet_core.grading import GraderRecipe, train_grader_folds
+
+    samples = [s for s in read_dataset(data) if not s.flag]
+    fold_of = load_folds(folds)
+    missing = sorted({s.study_id for s in samples} - fold_of.keys())
+    if missing:
+        raise UsageProblem(f"{len(missing)} studies are not in {folds} (e.g. {missing[0]})")
+    recipe = GraderRecipe(epochs=epochs, seed=seed)
+    training_data = f"{data.name}, unflagged studies"
+    paths = train_grader_folds(samples, fold_of, out, recipe, training_data,
+                               log=lambda line: typer.echo(line, err=True))
+    typer.echo(json.dumps({"grader": str(out), "fold_graders": [str(p) for p in paths[:-1]]}))
+
+
+@_guarded
+def attach_grader(
+    network: Path = typer.Option(..., help="network checkpoint (single, pair or ensemble) that finds the points"),
+    grader: list[Path] = typer.Option(..., help="patch grader checkpoint (ccfnet train-grader); repeat it to average"),
+    out: Path = typer.Option(..., help="graded checkpoint to write"),
+    folds: int = typer.Option(0, help="also attach the K fold graders to the K fold networks (<stem>.folds/)"),
+    network_share: float = typer.Option(0.0, help="weight of the network's own logit beside the grader's, 0..1"),
+) -> None:
+    """One checkpoint: points from the network, P(abnormal) from the patch grader at them (and the network's)."""
+    from ccfnet_core.grading import attach_grader as attach
+    from ccfnet_core.grading import attach_grader_with_folds
+
+    if not 0.0 <= network_share < 1.0:
+        raise UsageProblem(f"--network-share must be in [0, 1), not {network_share}")
+    if folds:
+        card = attach_grader_with_folds(network, grader, out, folds, network_share)
+    else:
+        card = attach(network, grader, out, network_share)
+    typer.echo(json.dumps({"model": str(out), "arch": card.arch, "weights_sha256": card.weights_sha256,
+                           "fold_models": folds, "network_share": network_share}))
+
+
 # --------------------------------------------------------------------------------------------- predict
 def _read_input(path: Path) -> Any:
     from ccfnet_core.datasets import read_dicom_study
@@ -373,4 +422,6 @@ def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
     app.command("predict")(predict)
     app.command("pair")(pair)
+    app.command("train-grader")(train_grader)
+    app.command("attach-grader")(attach_grader)
     app.command("phantom")(phantom)

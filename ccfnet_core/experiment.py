@@ -9,7 +9,11 @@ table last.
 
 A `[pairs.NAME]` table (`localiser = ...`, `classifier = ...`, each a variant of the file or a checkpoint path with
 its `.folds/` beside it; `classifier = [...]` for an ensemble) is assembled after the variants finish
-(`ccfnet_core.pair`) and reported as a row too.
+(`ccfnet_core.pair`) and reported as a row too. A `[graders.NAME]` table (`network = ...`: a variant, a pair of the
+file or a checkpoint path; optionally `network_share`, `epochs`, `seed` (a list trains one grader per seed, their
+logits averaged), or `grader = PATH` (or a list) to reuse trained ones) trains the patch grader fold by fold
+(`ccfnet_core.grading`), attaches it to the network's fold and final models, and is reported as a row after them.
+With `--report-only` nothing is trained: graders that exist are attached.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ def load_variants(config_path: Path) -> dict[str, dict[str, Any]]:
     """TOML with a [base] table and [variants.NAME] tables of overrides -> NAME -> options."""
     data = tomllib.loads(config_path.read_text())
     base = data.get("base", {})
-    variants = data.get("variants") or {"default": {}}
+    variants = data.get("variants")
+    if variants is None:  # a file of pairs or graders only trains no network
+        variants = {} if {"pairs", "graders"} & data.keys() else {"default": {}}
     return {name: {**base, **overrides} for name, overrides in variants.items()}
 
 
@@ -67,6 +73,66 @@ def load_pairs(config_path: Path) -> dict[str, dict[str, Any]]:
         except ValueError as exc:
             raise ValueError(f"[pairs.{name}] {exc}") from exc
     return pairs
+
+
+GRADER_KEYS = {"network", "network_share", "epochs", "seed", "grader"}
+
+
+def load_graders(config_path: Path) -> dict[str, dict[str, Any]]:
+    """[graders.NAME] tables -> NAME -> {network, network_share, epochs, seeds (a list), graders (paths; empty: train
+    one per seed)}."""
+    graders: dict[str, dict[str, Any]] = tomllib.loads(config_path.read_text()).get("graders", {})
+    for name, spec in graders.items():
+        if "network" not in spec or not set(spec) <= GRADER_KEYS:
+            optional = ", ".join(sorted(GRADER_KEYS - {"network"}))
+            raise ValueError(f"[graders.{name}] needs `network` (and optionally {optional})")
+        spec.setdefault("network_share", 0.0)
+        spec.setdefault("epochs", 30)
+        seed = spec.pop("seed", 0)
+        spec["seeds"] = [int(s) for s in seed] if isinstance(seed, list) else [int(seed)]
+        grader = spec.pop("grader", [])
+        spec["graders"] = [grader] if isinstance(grader, str) else list(grader)
+        if not 0.0 <= float(spec["network_share"]) < 1.0:
+            raise ValueError(f"[graders.{name}] network_share must be in [0, 1), not {spec['network_share']}")
+    return graders
+
+
+def build_graded(
+    args: argparse.Namespace, variants: dict[str, dict[str, Any]], k: int, train: bool = True
+) -> list[str]:
+    """Train each table's grader (unless it names one, or `train` is off), attach it to every fold model and the
+    final model its network has; returns the graded models with at least one fold."""
+    from ccfnet_core.evaluate import fold_checkpoint
+    from ccfnet_core.grading import GraderRecipe, attach_grader, train_grader_folds
+
+    known = {*variants, *load_pairs(args.config)}
+    built = []
+    for name, spec in load_graders(args.config).items():
+        network = args.out / spec["network"] / "final.pt" if spec["network"] in known else Path(spec["network"])
+        graders = [Path(p) for p in spec["graders"]] or _trained_graders(args.out / name, spec["seeds"])
+        if train and not spec["graders"]:
+            samples = usable(read_dataset(args.data))
+            for seed, grader in zip(spec["seeds"], graders, strict=True):
+                recipe = GraderRecipe(epochs=int(spec["epochs"]), seed=seed)
+                data = f"{args.data.name}, unflagged studies"
+                train_grader_folds(samples, load_folds(args.folds), grader, recipe, data)
+        out = args.out / name / "final.pt"
+        members = [
+            (fold_checkpoint(network, f), [fold_checkpoint(g, f) for g in graders], fold_checkpoint(out, f))
+            for f in range(k)
+        ]
+        for net, grds, result in [*members, (network, graders, out)]:
+            if net.is_file() and all(g.is_file() for g in grds):
+                attach_grader(net, grds, result, float(spec["network_share"]))
+                built.append(name)
+    return list(dict.fromkeys(built))
+
+
+def _trained_graders(folder: Path, seeds: list[int]) -> list[Path]:
+    """Where a table's own graders go: grader.pt for one seed, grader-seed<s>.pt for each of several."""
+    if len(seeds) == 1:
+        return [folder / "grader.pt"]
+    return [folder / f"grader-seed{seed}.pt" for seed in seeds]
 
 
 def classifier_sources(sources: dict[str, Any]) -> list[str]:
@@ -216,7 +282,7 @@ def run_all(args: argparse.Namespace) -> int:
                 failures += item[2].returncode != 0
                 print(f"{item[0]} fold {item[1]}: {status}", flush=True)
     all_variants = load_variants(args.config)
-    names = [*variants, *build_pairs(args, all_variants, k)]
+    names = [*variants, *build_pairs(args, all_variants, k), *build_graded(args, all_variants, k)]
     return report(args, names, k) or (1 if failures else 0)
 
 
@@ -290,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         variants = load_variants(args.config)
         k = max(load_folds(args.folds).values()) + 1
-        return report(args, [*variants, *build_pairs(args, variants, k)], k)
+        pairs = build_pairs(args, variants, k)
+        return report(args, [*variants, *pairs, *build_graded(args, variants, k, train=False)], k)
     return run_all(args)
 
 

@@ -1,4 +1,5 @@
-"""Inference: resize, forward with flip TTA, decode, map back to the slice's own pixels."""
+"""Inference: resize, forward with flip TTA, decode, map back to the slice's own pixels (and, for a graded model,
+grade a patch of the slice at each point)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from ccfnet_core.checkpoint import ModelCard, load_model
 from ccfnet_core.decode import decode, forward_tta
 from ccfnet_core.geometry import from_input_space
+from ccfnet_core.model import GradedCCFNet
 from ccfnet_core.sample import Prediction
 
 
@@ -51,14 +53,22 @@ def predict_images(
         points, probs, peaks = decode(output, stride)
         for image, pts, prob, peak in zip(chunk, points, probs, peaks, strict=True):
             height, width = image.shape[-2:]
-            predictions.append(
-                Prediction(
-                    points=from_input_space(pts, height, width, input_size),
-                    probabilities=prob,
-                    confidences=peak,
-                )
-            )
+            slice_points = from_input_space(pts, height, width, input_size)
+            if isinstance(model, GradedCCFNet):
+                prob = grade_points(model, image, slice_points, prob, device)
+            predictions.append(Prediction(points=slice_points, probabilities=prob, confidences=peak))
     return predictions
+
+
+def grade_points(
+    model: GradedCCFNet, image: np.ndarray, points: np.ndarray, network_probabilities: np.ndarray, device: torch.device
+) -> np.ndarray:
+    """P(abnormal) (11,) of a graded model: its patch grader at `points` of the middle slice, with the network's."""
+    middle = torch.from_numpy(np.ascontiguousarray(image[1], dtype=np.float32)).to(device)
+    network_logits = torch.logit(torch.from_numpy(network_probabilities), eps=1e-7).to(device)
+    with torch.no_grad():
+        logits = model.grade(middle, points, network_logits)
+    return torch.sigmoid(logits.double()).cpu().numpy()
 
 
 class Predictor:

@@ -5,7 +5,9 @@ context block + pyramid pooling), a bottleneck, and a 1x1 conv to 44 maps: 11 he
 11 x-offsets, 11 abnormality logits. The baseline is the full ResNet (layer4, stride 32) with one 1x1 conv.
 Builders register by name in a registry that refuses duplicates. A pair (`r18-msc-pair`) is two such networks read
 as one: points from a localiser, abnormality from a classifier, each trained at its own loss weights; an ensemble
-(`r18-msc-ens3`) adds classifiers whose logits are averaged.
+(`r18-msc-ens3`) adds classifiers whose logits are averaged. Any of them + `-graded` adds the patch grader
+(`ccfnet_core.grader`), a small CNN that grades a patch of the slice around each found point (`-graded2`, `-graded3`:
+the mean of two or three graders).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ccfnet_core.grader import PatchGrader
 from ccfnet_core.structures import NUM_STRUCTURES
 
 OUTPUT_CHANNELS = 4 * NUM_STRUCTURES
@@ -299,7 +303,45 @@ PAIR_LOGITS: dict[str, Callable[[int], float]] = {
 }
 
 
-Network = CCFNet | PairedCCFNet
+class GradedCCFNet(nn.Module):
+    """A CCF-Net (single, pair or ensemble) whose grade is re-read by patch graders at the points it finds.
+
+    `forward` is the network's own (the 44 maps: heatmaps, offsets and its logits), so decoding and heatmaps are
+    unchanged; after decoding, `grade` turns the network's logits and the graders' mean logit at the points into one
+    P(abnormal): logit = share x network + (1 - share) x graders. Why: the heatmap network localises well but
+    grades from coarse shared features; the grader sees each structure at the slice's own resolution
+    (docs/model.md, "Patch grader"). The share is a buffer, so it is saved with the weights and in their digest.
+    """
+
+    network_logit_share: Tensor
+
+    def __init__(
+        self, network: CCFNet | PairedCCFNet, graders: Sequence[PatchGrader], network_logit_share: float = 0.0
+    ):
+        super().__init__()
+        if not 0.0 <= network_logit_share < 1.0:
+            raise ValueError(f"the network's logit share must be in [0, 1), not {network_logit_share}")
+        if not graders:
+            raise ValueError("a graded network needs at least one grader")
+        self.network = network
+        self.graders = nn.ModuleList(graders)
+        self.spec = network.spec
+        self.stride = network.stride
+        self.register_buffer("network_logit_share", torch.tensor(float(network_logit_share)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.network(x)
+        return out
+
+    def grade(self, image: Tensor, points: np.ndarray, network_logits: Tensor) -> Tensor:
+        """(11,) combined logits for one (H, W) slice, its 11 points (x, y) in its pixels and the network's logits."""
+        graders = [grader for grader in self.graders if isinstance(grader, PatchGrader)]
+        grader_logits = torch.stack([grader.grade(image, points) for grader in graders]).mean(dim=0)
+        share = self.network_logit_share.to(grader_logits.dtype)
+        return share * network_logits.to(grader_logits.dtype) + (1 - share) * grader_logits
+
+
+Network = CCFNet | PairedCCFNet | GradedCCFNet
 PAIR_SUFFIX = "-pair"
 ENSEMBLE_SUFFIX = "-ens"  # + the number of networks: r18-msc-ens3 is a localiser and two classifiers
 ENSEMBLE_SIZES = (3, 4, 5)
@@ -314,8 +356,24 @@ def combined_arch(single_arch: str, classifiers: int) -> str:
     return f"{single_arch}{ENSEMBLE_SUFFIX}{classifiers + 1}"
 
 
+GRADED_SUFFIX = "-graded"
+
+
+GRADER_COUNTS = (1, 2, 3)
+
+
+def graded_arch(arch: str, graders: int = 1) -> str:
+    """The registry name of `arch` (single, pair or ensemble) with `graders` patch graders."""
+    if GRADED_SUFFIX in arch:
+        raise ValueError(f"{arch} already has a patch grader")
+    if graders not in GRADER_COUNTS:
+        raise ValueError(f"a graded network has {GRADER_COUNTS[0]}-{GRADER_COUNTS[-1]} graders, not {graders}")
+    return arch + GRADED_SUFFIX + (str(graders) if graders > 1 else "")
+
+
 def is_combined(arch: str) -> bool:
     """True for a pair or an ensemble (several networks read as one), False for a single network."""
+    arch = arch.split(GRADED_SUFFIX)[0]
     return arch.endswith(PAIR_SUFFIX) or any(arch.endswith(f"{ENSEMBLE_SUFFIX}{n}") for n in ENSEMBLE_SIZES)
 
 
@@ -385,6 +443,18 @@ def _combined_builder(single: Callable[[], CCFNet], classifiers: int) -> Callabl
 for _name, _single in (("r18-msc", ccfnet_r18_msc), ("r50-msc", ccfnet_r50_msc)):
     for _classifiers in (1, *(n - 1 for n in ENSEMBLE_SIZES)):
         register_model(combined_arch(_name, _classifiers))(_combined_builder(_single, _classifiers))
+
+
+def _graded_builder(network: Callable[[], CCFNet | PairedCCFNet], graders: int) -> Callable[[], GradedCCFNet]:
+    def build() -> GradedCCFNet:
+        return GradedCCFNet(network(), [PatchGrader() for _ in range(graders)])
+
+    return build
+
+
+for _name in list(_REGISTRY):
+    for _graders in GRADER_COUNTS:
+        register_model(graded_arch(_name, _graders))(_graded_builder(_REGISTRY[_name], _graders))  # type: ignore[arg-type]
 
 
 def count_parameters(model: nn.Module) -> int:

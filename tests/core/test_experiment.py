@@ -9,8 +9,9 @@ import pytest
 
 from ccfnet_core.checkpoint import load_model
 from ccfnet_core.datasets import read_dataset
-from ccfnet_core.experiment import classifier_sources, load_pairs, load_variants, main
+from ccfnet_core.experiment import classifier_sources, load_graders, load_pairs, load_variants, main
 from ccfnet_core.folds import make_folds, save_folds
+from ccfnet_core.grading import load_grader
 from ccfnet_core.phantom import write_phantom_studies
 from ccfnet_core.train import TrainConfig
 
@@ -40,6 +41,11 @@ classifier = "cls"
 localiser = "loc"
 classifier = ["cls", "loc"]
 logits = "mean"
+
+[graders.graded]
+network = "both"
+network_share = 0.5
+epochs = 1
 """
 
 
@@ -66,8 +72,8 @@ def test_a_whole_experiment_scores_variants_and_their_pair_out_of_fold(
     assert main(_args(phantom_experiment, out, "--parallel", "2")) == 0
     table = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("variant"))
-    assert [line.split()[0] for line in table[header + 1 :]] == ["loc", "cls", "both", "all3"]
-    for name in ("loc", "cls", "both", "all3"):
+    assert [line.split()[0] for line in table[header + 1 :]] == ["loc", "cls", "both", "all3", "graded"]
+    for name in ("loc", "cls", "both", "all3", "graded"):
         metrics = json.loads((out / name / "cv_metrics.json").read_text())
         assert set(metrics["per_fold"]) == {"0", "1"} and metrics["studies"] == 6
         _, card = load_model(out / name / "final.pt")
@@ -79,6 +85,10 @@ def test_a_whole_experiment_scores_variants_and_their_pair_out_of_fold(
     assert ensemble_card.arch == "r18-msc-ens3"
     digests = [load_model(out / name / "final.pt")[1].weights_sha256 for name in ("cls", "loc")]
     assert [c["weights_sha256"] for c in ensemble_card.recipe["classifiers"]] == digests
+    graded, graded_card = load_model(out / "graded" / "final.pt")
+    assert graded_card.arch == "r18-msc-pair-graded" and float(graded.network_logit_share) == 0.5
+    assert graded_card.recipe["grader"]["weights_sha256"] == load_grader(out / "graded" / "grader.pt")[1].weights_sha256
+    assert (out / "graded" / "grader.folds" / "fold1.pt").is_file()
 
 
 def test_a_partly_done_experiment_is_scored_on_its_finished_folds(
@@ -96,6 +106,7 @@ def test_a_partly_done_experiment_is_scored_on_its_finished_folds(
         assert list(partial["per_fold"]) == ["0"] and partial["studies"] == 3
         assert not (out / name / "cv_metrics.json").exists()
     assert (out / "both" / "final.folds" / "fold0.pt").is_file() and not (out / "both" / "final.pt").exists()
+    assert "graded" not in table and not (out / "graded").exists()  # --report-only trains no grader
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,5 +123,9 @@ def test_committed_experiment_configs_are_valid(config: Path) -> None:
         classifiers = (("classifier", c) for c in classifier_sources(sources))
         for role, source in [("localiser", sources["localiser"]), *classifiers]:
             assert source in variants or (REPO / source).is_file(), f"[pairs.{name}] {role} {source} not found"
+    networks = {*variants, *load_pairs(config)}
+    for name, spec in load_graders(config).items():
+        assert spec["network"] in networks or (REPO / spec["network"]).is_file(), f"[graders.{name}] network"
+        assert all((REPO / grader).is_file() for grader in spec["graders"]), f"[graders.{name}] grader"
 
 

@@ -1,0 +1,164 @@
+"""A second, fine stage for the grade: a small CNN reads a spine-aligned patch of the slice around each point.
+
+Why: trained from scratch on 155 slices, the heatmap network grades at stride 16 of a 256 input (a cell is about
+a fifth of a level), from features shared with localisation. A patch cut from the slice at its own resolution,
+centred on the found point, rotated so that the spine runs down it and scaled to one lumbar level, shows the disc
+or vertebra itself; a small network learns the grade from it far better (docs/model.md, "Patch grader").
+
+Geometry needs no pixel spacing: the patch side is `PATCH_LEVELS` lumbar levels, a level being measured on the
+points themselves (twice the median step between neighbours along the spine), which on the Tianchi slices is the
+same convention as the README's spacing estimate (36 mm per level).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ccfnet_core.structures import NUM_STRUCTURES
+
+# Top to bottom: T12-L1, L1, L1-L2, L2, ... L5, L5-S1 (channel indices, structures.py order).
+SPINAL_ORDER: Final[tuple[int, ...]] = (5, 0, 6, 1, 7, 2, 8, 3, 9, 4, 10)
+PATCH_PIXELS: Final[int] = 64
+PATCH_LEVELS: Final[float] = 48.0 / 36.0  # 48 mm at the README's 36 mm per level
+
+
+def level_pixels(points: np.ndarray) -> float:
+    """One lumbar level in pixels: twice the median distance between neighbours in spinal order.
+
+    The median ignores one or two misplaced points; NaN points are skipped. ValueError if fewer than two points
+    are known, since then no scale can be measured.
+    """
+    ordered = np.asarray(points, dtype=np.float64)[list(SPINAL_ORDER)]
+    steps = np.linalg.norm(np.diff(ordered, axis=0), axis=1)
+    steps = steps[np.isfinite(steps) & (steps > 0)]
+    if steps.size == 0:
+        raise ValueError("the patch scale needs at least two distinct points")
+    return 2.0 * float(np.median(steps))
+
+
+def spine_angles(points: np.ndarray) -> np.ndarray:
+    """(11,) rotation (radians) that turns the local spine axis at each point (its spinal neighbours) to vertical."""
+    pts = np.asarray(points, dtype=np.float64)
+    angles = np.zeros(NUM_STRUCTURES)
+    last = len(SPINAL_ORDER) - 1
+    for position, index in enumerate(SPINAL_ORDER):
+        above = pts[SPINAL_ORDER[max(position - 1, 0)]]
+        below = pts[SPINAL_ORDER[min(position + 1, last)]]
+        down = below - above
+        if np.isfinite(down).all() and np.hypot(*down) > 0:
+            angles[index] = math.atan2(-down[0], down[1])
+    return angles
+
+
+@dataclass(frozen=True)
+class PatchJitter:
+    """Training augmentation of the patch geometry and intensity (standard deviations)."""
+
+    shift_levels: float = 2.0 / 36.0  # 2 mm: about the localiser's median error
+    rotation_deg: float = 8.0
+    log_scale: float = 0.08
+    log_gain: float = 0.15
+    log_gamma: float = 0.15
+
+
+def crop_patches(
+    image: Tensor,
+    points: np.ndarray,
+    jitter: PatchJitter | None = None,
+    rng: np.random.Generator | None = None,
+    pixels: int = PATCH_PIXELS,
+    levels: float = PATCH_LEVELS,
+) -> Tensor:
+    """(11, 1, pixels, pixels) patches of a (H, W) slice in [0, 1], one per point (x, y) in its pixels.
+
+    Each patch is centred on its point, rotated so that the spine runs down it, `levels` levels wide (bilinear;
+    zeros outside the slice). A missing point takes the slice centre (its patch has no target or is not read).
+    With `jitter` (and `rng`), the geometry and the intensity are perturbed for training.
+    """
+    if image.ndim != 2:
+        raise ValueError(f"crop_patches takes one (H, W) slice, got shape {tuple(image.shape)}")
+    height, width = image.shape
+    pts = np.asarray(points, dtype=np.float64)
+    half = levels * level_pixels(pts) / 2.0
+    angles = spine_angles(pts)
+    thetas = []
+    for index in range(NUM_STRUCTURES):
+        x, y = pts[index] if np.isfinite(pts[index]).all() else (width / 2.0, height / 2.0)
+        angle, radius = float(angles[index]), half
+        if jitter is not None and rng is not None:
+            x += rng.normal(0.0, jitter.shift_levels * 2.0 * half / levels)
+            y += rng.normal(0.0, jitter.shift_levels * 2.0 * half / levels)
+            angle += rng.normal(0.0, math.radians(jitter.rotation_deg))
+            radius *= math.exp(rng.normal(0.0, jitter.log_scale))
+        cos, sin = math.cos(angle), math.sin(angle)
+        thetas.append(
+            [
+                [radius * cos * 2 / width, -radius * sin * 2 / width, 2 * x / width - 1],
+                [radius * sin * 2 / height, radius * cos * 2 / height, 2 * y / height - 1],
+            ]
+        )
+    theta = torch.tensor(thetas, dtype=image.dtype, device=image.device)
+    grid = F.affine_grid(theta, [NUM_STRUCTURES, 1, pixels, pixels], align_corners=False)
+    source = image[None, None].expand(NUM_STRUCTURES, 1, height, width)
+    patches = F.grid_sample(source, grid, align_corners=False, padding_mode="zeros")
+    if jitter is not None and rng is not None:
+        gain = math.exp(rng.normal(0.0, jitter.log_gain))
+        gamma = math.exp(rng.normal(0.0, jitter.log_gamma))
+        patches = patches.clamp(0, 1) ** gamma * gain
+    return patches
+
+
+def _conv_pair(inputs: int, outputs: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(inputs, outputs, 3, padding=1, bias=False),
+        nn.BatchNorm2d(outputs),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(outputs, outputs, 3, padding=1, bias=False),
+        nn.BatchNorm2d(outputs),
+        nn.ReLU(inplace=True),
+    )
+
+
+class PatchGrader(nn.Module):
+    """Patch (N, 1, 64, 64) + structure index (N,) -> abnormality logit (N,); a VGG-style CNN of 1.2 M parameters.
+
+    The structure index enters as a learnt embedding beside the pooled features, so one network serves the
+    11 levels and still knows their different base rates.
+    """
+
+    def __init__(self, width: int = 32, embedding: int = 16):
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_pair(1, width),
+            nn.MaxPool2d(2),
+            _conv_pair(width, 2 * width),
+            nn.MaxPool2d(2),
+            _conv_pair(2 * width, 4 * width),
+            nn.MaxPool2d(2),
+            _conv_pair(4 * width, 8 * width),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.structure = nn.Embedding(NUM_STRUCTURES, embedding)
+        self.head = nn.Sequential(
+            nn.Linear(8 * width + embedding, 64), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(64, 1)
+        )
+
+    def forward(self, patches: Tensor, structures: Tensor) -> Tensor:
+        pooled = self.features(patches).flatten(1)
+        return self.head(torch.cat([pooled, self.structure(structures)], dim=1)).squeeze(1)
+
+    def grade(self, image: Tensor, points: np.ndarray, flip: bool = True) -> Tensor:
+        """(11,) logits for the 11 points of one (H, W) slice; with `flip`, averaged with the front-back mirror."""
+        patches = crop_patches(image, points)
+        structures = torch.arange(NUM_STRUCTURES, device=image.device)
+        logits = self(patches, structures)
+        if flip:
+            logits = (logits + self(torch.flip(patches, dims=[-1]), structures)) / 2
+        return logits
