@@ -6,8 +6,8 @@ context block + pyramid pooling), a bottleneck, and a 1x1 conv to 44 maps: 11 he
 Builders register by name in a registry that refuses duplicates. A pair (`r18-msc-pair`) is two such networks read
 as one: points from a localiser, abnormality from a classifier, each trained at its own loss weights; an ensemble
 (`r18-msc-ens3`) adds classifiers whose logits are averaged. Any of them + `-graded` adds the patch grader
-(`ccfnet_core.grader`), a small CNN that grades a patch of the slice around each found point (`-graded2`, `-graded3`:
-the mean of two or three graders).
+(`ccfnet_core.grader`), a small CNN that grades a patch of the slice around each found point (`-graded2`:
+the mean of two graders).
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ def combined_arch(single_arch: str, classifiers: int) -> str:
 GRADED_SUFFIX = "-graded"
 
 
-GRADER_COUNTS = (1, 2, 3)
+GRADER_COUNTS = (1, 2)
 
 
 def graded_arch(arch: str, graders: int = 1) -> str:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ccfnet_core.grader import PatchGrader
 from ccfnet_core.model import (
+    GRADED_SUFFIX,
     ContextBlock,
+    GradedCCFNet,
     count_macs,
     count_parameters,
     create_model,
@@ -49,7 +52,7 @@ def test_reusing_context_branches_changes_cost_not_output() -> None:
     assert count_macs(model, 512, paper_graph=False) < count_macs(model, 512, paper_graph=True) - 1.8e9
 
 
-@pytest.mark.parametrize("arch", list_models())
+@pytest.mark.parametrize("arch", [name for name in list_models() if GRADED_SUFFIX not in name])
 def test_every_registered_model_runs_forward_and_backward(arch: str) -> None:
     model = create_model(arch).train()
     x = torch.rand(2, 3, 128, 128)
@@ -62,6 +65,24 @@ def test_every_registered_model_runs_forward_and_backward(arch: str) -> None:
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     heat, off_y, off_x, logits = split_output(out)
     assert heat.shape[1] == off_y.shape[1] == off_x.shape[1] == logits.shape[1] == 11
+
+
+@pytest.mark.parametrize("arch", [name for name in list_models() if GRADED_SUFFIX in name])
+def test_every_graded_model_is_its_registered_network_and_its_graders(arch: str) -> None:
+    """The forward of a graded model is its network's (tested above); the graders run after decoding."""
+    base, _, count = arch.partition(GRADED_SUFFIX)
+    model = create_model(arch)
+    assert isinstance(model, GradedCCFNet) and len(model.graders) == int(count or 1)
+    grader_parameters = count_parameters(PatchGrader())
+    assert count_parameters(model) == count_parameters(create_model(base)) + len(model.graders) * grader_parameters
+
+
+def test_a_patch_grader_runs_forward_and_backward() -> None:
+    grader = PatchGrader().train()
+    logits = grader(torch.rand(6, 1, 64, 64), torch.arange(6))
+    assert logits.shape == (6,)
+    logits.pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in grader.parameters())
 
 
 def test_registry_refuses_duplicates_and_names_unknown_architectures() -> None:
