@@ -2,8 +2,8 @@
 
 Why: trained from scratch on 155 slices, the heatmap network grades at stride 16 of a 256 input (a cell is about
 a fifth of a level), from features shared with localisation. A patch cut from the slice at its own resolution,
-centred on the found point, rotated so that the spine runs down it and scaled to one lumbar level, shows the disc
-or vertebra itself; a small network learns the grade from it far better (docs/model.md, "Patch grader").
+centred on the found point, rotated so that the spine runs down it and scaled to the spine's own level height, shows
+the disc or vertebra itself; a small network learns the grade from it far better (docs/model.md, "Patch grader").
 
 Geometry needs no pixel spacing: the patch side is `PATCH_LEVELS` lumbar levels, a level being measured on the
 points themselves (twice the median step between neighbours along the spine), which on the Tianchi slices is the
@@ -29,16 +29,18 @@ PATCH_PIXELS: Final[int] = 64
 PATCH_LEVELS: Final[float] = 48.0 / 36.0  # 48 mm at the README's 36 mm per level
 
 
-def level_pixels(points: np.ndarray) -> float:
+def level_pixels(points: np.ndarray, fallback: float | None = None) -> float:
     """One lumbar level in pixels: twice the median distance between neighbours in spinal order.
 
-    The median ignores one or two misplaced points; NaN points are skipped. ValueError if fewer than two points
-    are known, since then no scale can be measured.
+    The median ignores one or two misplaced points; NaN points are skipped. With no two distinct points no scale
+    can be measured: `fallback` if given (inference must answer even for a degenerate prediction), else ValueError.
     """
     ordered = np.asarray(points, dtype=np.float64)[list(SPINAL_ORDER)]
     steps = np.linalg.norm(np.diff(ordered, axis=0), axis=1)
     steps = steps[np.isfinite(steps) & (steps > 0)]
     if steps.size == 0:
+        if fallback is not None:
+            return fallback
         raise ValueError("the patch scale needs at least two distinct points")
     return 2.0 * float(np.median(steps))
 
@@ -86,7 +88,7 @@ def crop_patches(
         raise ValueError(f"crop_patches takes one (H, W) slice, got shape {tuple(image.shape)}")
     height, width = image.shape
     pts = np.asarray(points, dtype=np.float64)
-    half = levels * level_pixels(pts) / 2.0
+    half = levels * level_pixels(pts, fallback=max(height, width) / 8.0) / 2.0  # a sagittal view spans ~8 levels
     angles = spine_angles(pts)
     thetas = []
     for index in range(NUM_STRUCTURES):

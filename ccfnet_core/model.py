@@ -357,8 +357,6 @@ def combined_arch(single_arch: str, classifiers: int) -> str:
 
 
 GRADED_SUFFIX = "-graded"
-
-
 GRADER_COUNTS = (1, 2)
 
 

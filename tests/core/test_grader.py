@@ -39,6 +39,16 @@ def test_the_level_is_measured_on_the_points_and_ignores_one_misplaced_point() -
     assert level_pixels(points) == pytest.approx(24)
     with pytest.raises(ValueError, match="two distinct points"):
         level_pixels(np.full((11, 2), np.nan))
+    assert level_pixels(np.full((11, 2), 5.0), fallback=20.0) == 20.0
+
+
+def test_a_degenerate_prediction_still_gets_patches_and_a_grade() -> None:
+    """All points on one pixel (a blank image can do that): no scale on the points, the slice's size gives one."""
+    image = torch.rand(120, 100)
+    patches = crop_patches(image, np.full((11, 2), 50.0))
+    assert patches.shape == (11, 1, 64, 64) and torch.isfinite(patches).all()
+    with torch.no_grad():
+        assert torch.isfinite(PatchGrader().eval().grade(image, np.full((11, 2), 50.0))).all()
 
 
 def test_a_patch_is_centred_on_its_point_and_turns_the_spine_vertical() -> None:
