@@ -69,7 +69,9 @@ def _json_default(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------- model-info
 @_guarded
 def model_info(
-    arch: str = typer.Option("r18-msc", help="r18-msc, r50-msc, r18, r50, r18-msc-pair or r50-msc-pair"),
+    arch: str = typer.Option(
+        "r18-msc", help="r18-msc, r50-msc, r18, r50, r18-msc-pair, ... (+ -graded: MACs count the networks only)"
+    ),
     input_size: int = typer.Option(512, help="square input size for the MAC count"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
