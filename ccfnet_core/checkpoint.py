@@ -103,6 +103,17 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def source_record(card: ModelCard, path: Path) -> dict[str, object]:
+    """What a combined checkpoint (a pair, a graded model) records of each checkpoint it was made from."""
+    return {
+        "file": path.name,
+        "model_uuid": card.model_uuid,
+        "weights_sha256": card.weights_sha256,
+        "recipe": card.recipe,
+        "metrics": {k: v for k, v in card.metrics.items() if k != "per_fold"},
+    }
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (missing, corrupt, wrong schema, weights not matching the card)."""
 

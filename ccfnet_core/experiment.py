@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ def build_graded(
     known = {*variants, *load_pairs(args.config)}
     built = []
     for name, spec in load_graders(args.config).items():
-        network = args.out / spec["network"] / "final.pt" if spec["network"] in known else Path(spec["network"])
+        network = _pair_source(args, known, spec["network"])
         graders = [Path(p) for p in spec["graders"]] or _trained_graders(args.out / name, spec["seeds"])
         if train and not spec["graders"]:
             samples = usable(read_dataset(args.data))
@@ -141,8 +142,9 @@ def classifier_sources(sources: dict[str, Any]) -> list[str]:
     return classifier if isinstance(classifier, list) else [classifier]
 
 
-def _pair_source(args: argparse.Namespace, variants: dict[str, dict[str, Any]], source: str) -> Path:
-    return args.out / source / "final.pt" if source in variants else Path(source)
+def _pair_source(args: argparse.Namespace, known: Collection[str], source: str) -> Path:
+    """A source named in a table: a variant (or pair) of the file is its final model under --out, else a path."""
+    return args.out / source / "final.pt" if source in known else Path(source)
 
 
 def build_pairs(args: argparse.Namespace, variants: dict[str, dict[str, Any]], k: int) -> list[str]:

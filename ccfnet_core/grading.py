@@ -20,7 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ccfnet_core.checkpoint import CheckpointError, ModelCard, load_model, new_card, read_checkpoint, save_model
+from ccfnet_core.checkpoint import (
+    CheckpointError,
+    ModelCard,
+    load_model,
+    new_card,
+    read_checkpoint,
+    save_model,
+    source_record,
+)
 from ccfnet_core.evaluate import fold_checkpoint
 from ccfnet_core.grader import PATCH_LEVELS, PATCH_PIXELS, PatchGrader, PatchJitter, crop_patches
 from ccfnet_core.metrics import roc_auc
@@ -190,17 +198,6 @@ def _grader_paths(grader: Graders) -> list[Path]:
     return paths
 
 
-def _grader_source(path: Path, card: ModelCard) -> dict[str, Any]:
-    return {
-        "file": path.name,
-        "model_uuid": card.model_uuid,
-        "weights_sha256": card.weights_sha256,
-        "recipe": card.recipe,
-        "training_data": card.training_data,
-        "metrics": card.metrics,
-    }
-
-
 def attach_grader(network: Path, grader: Graders, out: Path, network_share: float = 0.0) -> ModelCard:
     """Write `<arch>-graded` (`-graded<n>` for n graders, their logits averaged): the network checkpoint with the
     grader(s), P(abnormal) from both at the share given."""
@@ -209,7 +206,10 @@ def attach_grader(network: Path, grader: Graders, out: Path, network_share: floa
         raise ValueError(f"{network} already has a grader")
     paths = _grader_paths(grader)
     loaded = [load_grader(path) for path in paths]
-    sources = [_grader_source(path, grader_card_) for path, (_, grader_card_) in zip(paths, loaded, strict=True)]
+    sources = [
+        {**source_record(grader_card_, path), "training_data": grader_card_.training_data}
+        for path, (_, grader_card_) in zip(paths, loaded, strict=True)
+    ]
     recipe = dict(card.recipe)
     recipe.update({"grader": sources[0]} if len(sources) == 1 else {"graders": sources})
     recipe["network_logit_share"] = network_share

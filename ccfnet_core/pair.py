@@ -15,21 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ccfnet_core.checkpoint import ModelCard, load_model, new_card, save_model
+from ccfnet_core.checkpoint import ModelCard, load_model, new_card, save_model, source_record
 from ccfnet_core.evaluate import fold_checkpoint
 from ccfnet_core.model import PAIR_LOGITS, CCFNet, PairedCCFNet, combined_arch, is_combined
 
 Classifiers = Path | Sequence[Path]
-
-
-def _source(card: ModelCard, path: Path) -> dict[str, object]:
-    return {
-        "file": path.name,
-        "model_uuid": card.model_uuid,
-        "weights_sha256": card.weights_sha256,
-        "recipe": card.recipe,
-        "metrics": {k: v for k, v in card.metrics.items() if k != "per_fold"},
-    }
 
 
 _LOGITS_TEXT = {
@@ -76,12 +66,12 @@ def pair_card(
                 )
         if localiser.phantom_only != classifier.phantom_only:
             raise ValueError("one source is phantom-only and the other is not")
-    sources = [_source(card, path) for card, path in zip(classifiers, cls_paths, strict=True)]
+    sources = [source_record(card, path) for card, path in zip(classifiers, cls_paths, strict=True)]
     texts = _LOGITS_TEXT if len(classifiers) == 1 else _ENSEMBLE_LOGITS_TEXT
     recipe: dict[str, object] = {
         "pair": f"points (heatmaps, offsets) from the localiser, {texts[logits]}",
         "logits": logits,
-        "localiser": _source(localiser, loc_path),
+        "localiser": source_record(localiser, loc_path),
     }
     recipe.update({"classifier": sources[0]} if len(sources) == 1 else {"classifiers": sources})
     limitations = (*localiser.limitations, *(item for card in classifiers for item in card.limitations))
