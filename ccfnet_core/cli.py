@@ -1,4 +1,5 @@
-"""Research commands: model-info, train, evaluate, predict, pair, train-grader, attach-grader, phantom. Thin: parse,
+"""Research commands: model-info, train, evaluate, predict, pair, train-grader, attach-grader, train-refiner,
+attach-refiner, phantom. Thin: parse,
 delegate, exit code.
 
 Errors a user can cause (missing files, bad options, unusable data) become a one-line message and exit code 2;
@@ -214,11 +215,13 @@ def evaluate(
     device: str = typer.Option("auto"),
     include_flagged: bool = typer.Option(False, help="also score studies whose labels are flagged"),
     as_json: bool = typer.Option(False, "--json", help="print all metrics as JSON"),
+    record_in_card: bool = typer.Option(False, help="with --folds: write the out-of-fold metrics into the card"),
 ) -> None:
     """All metrics per structure and overall, confusion matrices, and figures (overlay, errors, ROC)."""
+    from ccfnet_core import evaluate as card_metrics
     from ccfnet_core.checkpoint import default_model_path
     from ccfnet_core.datasets import read_dataset
-    from ccfnet_core.evaluate import predict_out_of_fold, summarise, write_figures
+    from ccfnet_core.evaluate import per_fold_metrics, predict_out_of_fold, summarise, write_figures
     from ccfnet_core.folds import load_folds
     from ccfnet_core.inference import Predictor
 
@@ -229,8 +232,11 @@ def evaluate(
         samples = [s for s in samples if not s.flag]
     if not samples:
         raise UsageProblem(f"no studies to evaluate in {data}")
+    if record_in_card and not folds:
+        raise UsageProblem("--record-in-card records cross-validation metrics: it needs --folds")
     if folds:
-        predictions = predict_out_of_fold(samples, checkpoint, load_folds(folds), device)
+        fold_of = load_folds(folds)
+        predictions = predict_out_of_fold(samples, checkpoint, fold_of, device)
     else:
         predictor = Predictor.from_checkpoint(checkpoint, device)
         predictions = predictor.predict([s.image for s in samples])
@@ -239,6 +245,10 @@ def evaluate(
     summary["mode"] = "out-of-fold" if folds else "single model"
     summary["excluded_flagged"] = [] if include_flagged else skipped
     summary["figures"] = write_figures(out, samples, predictions)
+    if folds and record_in_card:
+        per_fold = per_fold_metrics(samples, predictions, fold_of)
+        summary["per_fold"] = per_fold
+        card_metrics.record_in_card(checkpoint, summary, per_fold, len(per_fold))
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
 
     def text() -> None:
@@ -288,15 +298,9 @@ def train_grader(
     seed: int = typer.Option(0),
 ) -> None:
     """Train the patch grader of every fold and the final one on all usable studies (those that exist are kept)."""
-    from ccfnet_core.datasets import read_dataset
-    from ccfnet_core.folds import load_folds
     from ccfnet_core.grading import GraderRecipe, train_grader_folds
 
-    samples = [s for s in read_dataset(data) if not s.flag]
-    fold_of = load_folds(folds)
-    missing = sorted({s.study_id for s in samples} - fold_of.keys())
-    if missing:
-        raise UsageProblem(f"{len(missing)} studies are not in {folds} (e.g. {missing[0]})")
+    samples, fold_of = _usable_with_folds(data, folds)
     recipe = GraderRecipe(epochs=epochs, seed=seed)
     training_data = f"{data.name}, unflagged studies"
     paths = train_grader_folds(samples, fold_of, out, recipe, training_data,
@@ -324,6 +328,53 @@ def attach_grader(
         card = attach(network, grader, out, network_share)
     typer.echo(json.dumps({"model": str(out), "arch": card.arch, "weights_sha256": card.weights_sha256,
                            "fold_models": folds, "network_share": network_share}))
+
+
+# --------------------------------------------------------------------------------------------- refiner
+@_guarded
+def train_refiner(
+    data: Path = typer.Option(..., help="tianchi-slices folder or challenge-layout folder"),
+    folds: Path = typer.Option(..., help="folds file: one refiner per fold (held out), then the final one"),
+    out: Path = typer.Option(..., help="final refiner checkpoint; fold refiners go to <stem>.folds/fold<k>.pt"),
+    epochs: int = typer.Option(30),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the point refiner of every fold and the final one on all usable studies (those that exist are kept)."""
+    from ccfnet_core.refining import RefinerRecipe, train_refiner_folds
+
+    samples, fold_of = _usable_with_folds(data, folds)
+    paths = train_refiner_folds(samples, fold_of, out, RefinerRecipe(epochs=epochs, seed=seed),
+                                f"{data.name}, unflagged studies", log=lambda line: typer.echo(line, err=True))
+    typer.echo(json.dumps({"refiner": str(out), "fold_refiners": [str(p) for p in paths[:-1]]}))
+
+
+@_guarded
+def attach_refiner(
+    network: Path = typer.Option(..., help="network checkpoint (single, pair, ensemble or graded)"),
+    refiner: list[Path] = typer.Option(..., help="point refiner checkpoint (ccfnet train-refiner); repeat to average"),
+    out: Path = typer.Option(..., help="refined checkpoint to write"),
+    folds: int = typer.Option(0, help="also attach the K fold refiners to the K fold networks (<stem>.folds/)"),
+) -> None:
+    """One checkpoint: the network's points moved by the point refiner(s), then graded there if it grades."""
+    from ccfnet_core.refining import attach_refiner as attach
+    from ccfnet_core.refining import attach_refiner_with_folds
+
+    card = attach_refiner_with_folds(network, refiner, out, folds) if folds else attach(network, refiner, out)
+    typer.echo(json.dumps({"model": str(out), "arch": card.arch, "weights_sha256": card.weights_sha256,
+                           "fold_models": folds}))
+
+
+def _usable_with_folds(data: Path, folds: Path) -> tuple[list[Any], dict[str, int]]:
+    """The unflagged studies of `data` and the folds file, every study in it (else a usage problem)."""
+    from ccfnet_core.datasets import read_dataset
+    from ccfnet_core.folds import load_folds
+
+    samples = [s for s in read_dataset(data) if not s.flag]
+    fold_of = load_folds(folds)
+    missing = sorted({s.study_id for s in samples} - fold_of.keys())
+    if missing:
+        raise UsageProblem(f"{len(missing)} studies are not in {folds} (e.g. {missing[0]})")
+    return samples, fold_of
 
 
 # --------------------------------------------------------------------------------------------- predict
@@ -426,4 +477,6 @@ def register(app: typer.Typer) -> None:
     app.command("pair")(pair)
     app.command("train-grader")(train_grader)
     app.command("attach-grader")(attach_grader)
+    app.command("train-refiner")(train_refiner)
+    app.command("attach-refiner")(attach_refiner)
     app.command("phantom")(phantom)

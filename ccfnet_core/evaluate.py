@@ -86,6 +86,31 @@ def predict_out_of_fold(
     return [predictions[i] for i in range(len(samples))]
 
 
+def per_fold_metrics(
+    samples: Sequence[SliceSample], predictions: Sequence[Prediction], folds: dict[str, int]
+) -> dict[int, dict[str, Any]]:
+    """The paper's keys and the macro-F1 of each fold's studies alone (the spread the cards and docs report)."""
+    out = {}
+    for fold in sorted({folds[s.study_id] for s in samples}):
+        idx = [i for i, s in enumerate(samples) if folds[s.study_id] == fold]
+        part = summarise([samples[i] for i in idx], [predictions[i] for i in idx])
+        out[fold] = {key: part[key] for key in (*PAPER_KEYS, "challenge_macro_f1")}
+    return out
+
+
+def record_in_card(checkpoint: Path, summary: dict[str, Any], per_fold: dict[int, dict[str, Any]], k: int) -> None:
+    """Write out-of-fold metrics into the checkpoint's card (weights, and so their digest, untouched)."""
+    from dataclasses import replace
+
+    from ccfnet_core.checkpoint import load_model, save_model
+
+    model, card = load_model(checkpoint)
+    metrics: dict[str, Any] = {key: summary[key] for key in (*PAPER_KEYS, "challenge_macro_f1")}
+    metrics["per_fold"] = per_fold
+    metrics["evaluation"] = f"{k}-fold out-of-fold over {summary['studies']} unflagged studies, 6 mm"
+    save_model(checkpoint, model, replace(card, metrics=metrics), half=card.dtype == "float16")
+
+
 def write_figures(
     out_dir: Path, samples: Sequence[SliceSample], predictions: Sequence[Prediction], max_overlays: int = 8
 ) -> dict[str, str]:

@@ -30,9 +30,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ccfnet_core.checkpoint import load_model, save_model
 from ccfnet_core.datasets import read_dataset
-from ccfnet_core.evaluate import PAPER_KEYS, predict_out_of_fold, summarise
+from ccfnet_core.evaluate import PAPER_KEYS, per_fold_metrics, predict_out_of_fold, record_in_card, summarise
 from ccfnet_core.folds import load_folds
 from ccfnet_core.sample import SliceSample
 from ccfnet_core.train import TrainConfig, Trainer, write_json
@@ -312,22 +311,14 @@ def report(args: argparse.Namespace, variants: list[str], k: int) -> int:
         scored = [s for s in samples if folds[s.study_id] in done]
         predictions = predict_out_of_fold(scored, final, folds)
         summary = summarise(scored, predictions)
-        per_fold = {}
-        for f in done:
-            idx = [i for i, s in enumerate(scored) if folds[s.study_id] == f]
-            part = summarise([scored[i] for i in idx], [predictions[i] for i in idx])
-            per_fold[f] = {key: part[key] for key in (*PAPER_KEYS, "challenge_macro_f1")}
+        per_fold = per_fold_metrics(scored, predictions, folds)
         summary["per_fold"] = per_fold
         if not complete:
             write_json(args.out / variant / "cv_metrics_partial.json", summary)
             rows[f"{variant} [folds {','.join(map(str, done))}]"] = summary
             continue
         write_json(args.out / variant / "cv_metrics.json", summary)
-        model, card = load_model(final)
-        metrics = {key: summary[key] for key in (*PAPER_KEYS, "challenge_macro_f1")}
-        metrics["per_fold"] = per_fold
-        metrics["evaluation"] = f"{k}-fold out-of-fold over {len(samples)} unflagged studies, 6 mm"
-        save_model(final, model, replace(card, metrics=metrics), half=True)
+        record_in_card(final, summary, per_fold, k)
         rows[variant] = summary
     header = f"{'variant':<40}" + "".join(f"{key:>12}" for key in (*PAPER_KEYS, "macroF1"))
     print(header)

@@ -90,16 +90,30 @@ def crop_patches(
     pts = np.asarray(points, dtype=np.float64)
     half = levels * level_pixels(pts, fallback=max(height, width) / 8.0) / 2.0  # a sagittal view spans ~8 levels
     angles = spine_angles(pts)
+    centres = np.where(np.isfinite(pts).all(axis=1, keepdims=True), pts, [[width / 2.0, height / 2.0]])
+    radii = np.full(NUM_STRUCTURES, half)
+    if jitter is not None and rng is not None:
+        centres = centres + rng.normal(0.0, jitter.shift_levels * 2.0 * half / levels, size=centres.shape)
+        angles = angles + rng.normal(0.0, math.radians(jitter.rotation_deg), size=NUM_STRUCTURES)
+        radii = radii * np.exp(rng.normal(0.0, jitter.log_scale, size=NUM_STRUCTURES))
+    patches = sample_patches(image, centres, angles, radii, pixels)
+    if jitter is not None and rng is not None:
+        gain = math.exp(rng.normal(0.0, jitter.log_gain))
+        gamma = math.exp(rng.normal(0.0, jitter.log_gamma))
+        patches = patches.clamp(0, 1) ** gamma * gain
+    return patches
+
+
+def sample_patches(image: Tensor, centres: np.ndarray, angles: np.ndarray, radii: np.ndarray, pixels: int) -> Tensor:
+    """(N, 1, pixels, pixels) square patches of a (H, W) slice (bilinear, zeros outside it).
+
+    Patch coordinates (u, v) in [-1, 1] (u across, v down the patch) sit at slice pixel
+    centre + radius * R(angle) (u, v): `patch_offset_to_pixels` maps such an offset back.
+    """
+    height, width = image.shape
     thetas = []
-    for index in range(NUM_STRUCTURES):
-        x, y = pts[index] if np.isfinite(pts[index]).all() else (width / 2.0, height / 2.0)
-        angle, radius = float(angles[index]), half
-        if jitter is not None and rng is not None:
-            x += rng.normal(0.0, jitter.shift_levels * 2.0 * half / levels)
-            y += rng.normal(0.0, jitter.shift_levels * 2.0 * half / levels)
-            angle += rng.normal(0.0, math.radians(jitter.rotation_deg))
-            radius *= math.exp(rng.normal(0.0, jitter.log_scale))
-        cos, sin = math.cos(angle), math.sin(angle)
+    for (x, y), angle, radius in zip(centres, angles, radii, strict=True):
+        cos, sin = math.cos(float(angle)), math.sin(float(angle))
         thetas.append(
             [
                 [radius * cos * 2 / width, -radius * sin * 2 / width, 2 * x / width - 1],
@@ -107,14 +121,16 @@ def crop_patches(
             ]
         )
     theta = torch.tensor(thetas, dtype=image.dtype, device=image.device)
-    grid = F.affine_grid(theta, [NUM_STRUCTURES, 1, pixels, pixels], align_corners=False)
-    source = image[None, None].expand(NUM_STRUCTURES, 1, height, width)
-    patches = F.grid_sample(source, grid, align_corners=False, padding_mode="zeros")
-    if jitter is not None and rng is not None:
-        gain = math.exp(rng.normal(0.0, jitter.log_gain))
-        gamma = math.exp(rng.normal(0.0, jitter.log_gamma))
-        patches = patches.clamp(0, 1) ** gamma * gain
-    return patches
+    grid = F.affine_grid(theta, [len(thetas), 1, pixels, pixels], align_corners=False)
+    source = image[None, None].expand(len(thetas), 1, height, width)
+    return F.grid_sample(source, grid, align_corners=False, padding_mode="zeros")
+
+
+def patch_offset_to_pixels(offsets: np.ndarray, angles: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """(N, 2) patch-frame offsets (u, v) -> (N, 2) slice-pixel offsets (dx, dy): radius * R(angle) (u, v)."""
+    cos, sin = np.cos(angles), np.sin(angles)
+    u, v = offsets[:, 0], offsets[:, 1]
+    return np.stack([cos * u - sin * v, sin * u + cos * v], axis=1) * radii[:, None]
 
 
 def _conv_pair(inputs: int, outputs: int) -> nn.Sequential:

@@ -1,5 +1,5 @@
-"""Inference: resize, forward with flip TTA, decode, map back to the slice's own pixels (and, for a graded model,
-grade a patch of the slice at each point)."""
+"""Inference: resize, forward with flip TTA, decode, map back to the slice's own pixels (and, for a refined model,
+move each point within a patch of the slice; for a graded model, grade a patch of the slice at each point)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from ccfnet_core.checkpoint import ModelCard, load_model
 from ccfnet_core.decode import decode, forward_tta
 from ccfnet_core.geometry import from_input_space
-from ccfnet_core.model import GradedCCFNet
+from ccfnet_core.model import GradedCCFNet, RefinedCCFNet
 from ccfnet_core.sample import Prediction
 
 
@@ -54,10 +54,20 @@ def predict_images(
         for image, pts, prob, peak in zip(chunk, points, probs, peaks, strict=True):
             height, width = image.shape[-2:]
             slice_points = from_input_space(pts, height, width, input_size)
-            if isinstance(model, GradedCCFNet):
-                prob = grade_points(model, image, slice_points, prob, device)
+            network = model
+            if isinstance(network, RefinedCCFNet):
+                slice_points = refine_points(network, image, slice_points, device)
+                network = network.network
+            if isinstance(network, GradedCCFNet):
+                prob = grade_points(network, image, slice_points, prob, device)
             predictions.append(Prediction(points=slice_points, probabilities=prob, confidences=peak))
     return predictions
+
+
+def refine_points(model: RefinedCCFNet, image: np.ndarray, points: np.ndarray, device: torch.device) -> np.ndarray:
+    """(11, 2) points of a refined model: its refiners' points from patches of the middle slice at `points`."""
+    middle = torch.from_numpy(np.ascontiguousarray(image[1], dtype=np.float32)).to(device)
+    return model.refine(middle, points)
 
 
 def grade_points(

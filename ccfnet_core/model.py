@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccfnet_core.grader import PatchGrader
+from ccfnet_core.refiner import PointRefiner
 from ccfnet_core.structures import NUM_STRUCTURES
 
 OUTPUT_CHANNELS = 4 * NUM_STRUCTURES
@@ -341,7 +342,34 @@ class GradedCCFNet(nn.Module):
         return share * network_logits.to(grader_logits.dtype) + (1 - share) * grader_logits
 
 
-Network = CCFNet | PairedCCFNet | GradedCCFNet
+class RefinedCCFNet(nn.Module):
+    """A CCF-Net (single, pair, ensemble or graded) whose decoded points are moved by point refiners.
+
+    `forward` is the network's own (decoding and heatmaps unchanged); after decoding, `refine` moves each point to
+    where the refiners (their mean) find its structure in a patch around it, and a graded network grades there.
+    Why: a quarter of the network's misses are near misses on the right structure (docs/model.md, "Point refiner").
+    """
+
+    def __init__(self, network: CCFNet | PairedCCFNet | GradedCCFNet, refiners: Sequence[PointRefiner]):
+        super().__init__()
+        if not refiners:
+            raise ValueError("a refined network needs at least one refiner")
+        self.network = network
+        self.refiners = nn.ModuleList(refiners)
+        self.spec = network.spec
+        self.stride = network.stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.network(x)
+        return out
+
+    def refine(self, image: Tensor, points: np.ndarray) -> np.ndarray:
+        """(11, 2) points (x, y) of one (H, W) slice moved by the refiners (the mean of their points)."""
+        refiners = [refiner for refiner in self.refiners if isinstance(refiner, PointRefiner)]
+        return np.mean([refiner.refine(image, points) for refiner in refiners], axis=0)
+
+
+Network = CCFNet | PairedCCFNet | GradedCCFNet | RefinedCCFNet
 PAIR_SUFFIX = "-pair"
 ENSEMBLE_SUFFIX = "-ens"  # + the number of networks: r18-msc-ens3 is a localiser and two classifiers
 ENSEMBLE_SIZES = (3, 4, 5)
@@ -369,9 +397,22 @@ def graded_arch(arch: str, graders: int = 1) -> str:
     return arch + GRADED_SUFFIX + (str(graders) if graders > 1 else "")
 
 
+REFINED_SUFFIX = "-refined"
+REFINER_COUNTS = (1, 2)
+
+
+def refined_arch(arch: str, refiners: int = 1) -> str:
+    """The registry name of `arch` (single, pair, ensemble, graded) with `refiners` point refiners."""
+    if REFINED_SUFFIX in arch:
+        raise ValueError(f"{arch} already has a point refiner")
+    if refiners not in REFINER_COUNTS:
+        raise ValueError(f"a refined network has {REFINER_COUNTS[0]}-{REFINER_COUNTS[-1]} refiners, not {refiners}")
+    return arch + REFINED_SUFFIX + (str(refiners) if refiners > 1 else "")
+
+
 def is_combined(arch: str) -> bool:
     """True for a pair or an ensemble (several networks read as one), False for a single network."""
-    arch = arch.split(GRADED_SUFFIX)[0]
+    arch = arch.split(REFINED_SUFFIX)[0].split(GRADED_SUFFIX)[0]
     return arch.endswith(PAIR_SUFFIX) or any(arch.endswith(f"{ENSEMBLE_SUFFIX}{n}") for n in ENSEMBLE_SIZES)
 
 
@@ -453,6 +494,21 @@ def _graded_builder(network: Callable[[], CCFNet | PairedCCFNet], graders: int) 
 for _name in list(_REGISTRY):
     for _graders in GRADER_COUNTS:
         register_model(graded_arch(_name, _graders))(_graded_builder(_REGISTRY[_name], _graders))  # type: ignore[arg-type]
+
+
+def _refined_builder(network: Callable[[], Network], refiners: int) -> Callable[[], RefinedCCFNet]:
+    def build() -> RefinedCCFNet:
+        inner = network()
+        if isinstance(inner, RefinedCCFNet):
+            raise ValueError("a refined network cannot be refined again")
+        return RefinedCCFNet(inner, [PointRefiner() for _ in range(refiners)])
+
+    return build
+
+
+for _name in list(_REGISTRY):
+    for _refiners in REFINER_COUNTS:
+        register_model(refined_arch(_name, _refiners))(_refined_builder(_REGISTRY[_name], _refiners))
 
 
 def count_parameters(model: nn.Module) -> int:

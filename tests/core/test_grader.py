@@ -120,17 +120,8 @@ def test_the_grader_learns_a_visible_grade_and_scores_held_out_studies() -> None
     assert auc["AUC-Vertebra-true-points"] > 90
 
 
-def _network_checkpoint(path: Path) -> Path:
-    torch.manual_seed(4)
-    card = new_card(arch="r18-msc", input_size=128, stride=16, sigma=4.0, training_data="test",
-                    intended_use="test", phantom_only=True)
-    save_model(path, create_model("r18-msc"), card, half=True)
-    return path
-
-
-def test_train_and_attach_fold_by_fold_then_evaluate_out_of_fold(tmp_path: Path) -> None:
-    samples = _blob_samples(8, seed=3)
-    data = tmp_path / "data"
+def write_slices_dataset(samples: list[SliceSample], data: Path) -> Path:
+    """`samples` as a tianchi-slices folder (uint8 npy images + annotations.json), for the CLI commands."""
     (data / "images").mkdir(parents=True)
     entries = []
     for sample in samples:
@@ -150,6 +141,20 @@ def test_train_and_attach_fold_by_fold_then_evaluate_out_of_fold(tmp_path: Path)
                         "pixel_spacing_estimate": 1.0, "flag": None,
                         "data": [{"annotation": [{"data": {"point": points}}]}]})
     (data / "annotations.json").write_text(json.dumps(entries))
+    return data
+
+
+def _network_checkpoint(path: Path) -> Path:
+    torch.manual_seed(4)
+    card = new_card(arch="r18-msc", input_size=128, stride=16, sigma=4.0, training_data="test",
+                    intended_use="test", phantom_only=True)
+    save_model(path, create_model("r18-msc"), card, half=True)
+    return path
+
+
+def test_train_and_attach_fold_by_fold_then_evaluate_out_of_fold(tmp_path: Path) -> None:
+    samples = _blob_samples(8, seed=3)
+    data = write_slices_dataset(samples, tmp_path / "data")
     folds_file = tmp_path / "folds.json"
     folds = {s.study_id: i % 2 for i, s in enumerate(samples)}
     folds_file.write_text(json.dumps({"k": 2, "seed": 0, "folds": folds}))
