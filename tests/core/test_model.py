@@ -8,8 +8,10 @@ import torch
 from ccfnet_core.grader import PatchGrader
 from ccfnet_core.model import (
     GRADED_SUFFIX,
+    REFINED_SUFFIX,
     ContextBlock,
     GradedCCFNet,
+    RefinedCCFNet,
     count_macs,
     count_parameters,
     create_model,
@@ -17,6 +19,7 @@ from ccfnet_core.model import (
     register_model,
     split_output,
 )
+from ccfnet_core.refiner import PointRefiner
 
 # Paper (thop) figures at 1x3x512x512; R18/R50 plain from our count (the published table swaps R18's columns).
 EXPECTED = {
@@ -52,7 +55,9 @@ def test_reusing_context_branches_changes_cost_not_output() -> None:
     assert count_macs(model, 512, paper_graph=False) < count_macs(model, 512, paper_graph=True) - 1.8e9
 
 
-@pytest.mark.parametrize("arch", [name for name in list_models() if GRADED_SUFFIX not in name])
+@pytest.mark.parametrize(
+    "arch", [name for name in list_models() if GRADED_SUFFIX not in name and REFINED_SUFFIX not in name]
+)
 def test_every_registered_model_runs_forward_and_backward(arch: str) -> None:
     model = create_model(arch).train()
     x = torch.rand(2, 3, 128, 128)
@@ -67,7 +72,9 @@ def test_every_registered_model_runs_forward_and_backward(arch: str) -> None:
     assert heat.shape[1] == off_y.shape[1] == off_x.shape[1] == logits.shape[1] == 11
 
 
-@pytest.mark.parametrize("arch", [name for name in list_models() if GRADED_SUFFIX in name])
+@pytest.mark.parametrize(
+    "arch", [name for name in list_models() if GRADED_SUFFIX in name and REFINED_SUFFIX not in name]
+)
 def test_every_graded_model_is_its_registered_network_and_its_graders(arch: str) -> None:
     """The forward of a graded model is its network's (tested above); the graders run after decoding."""
     base, _, count = arch.partition(GRADED_SUFFIX)
@@ -75,6 +82,24 @@ def test_every_graded_model_is_its_registered_network_and_its_graders(arch: str)
     assert isinstance(model, GradedCCFNet) and len(model.graders) == int(count or 1)
     grader_parameters = count_parameters(PatchGrader())
     assert count_parameters(model) == count_parameters(create_model(base)) + len(model.graders) * grader_parameters
+
+
+@pytest.mark.parametrize("arch", [name for name in list_models() if REFINED_SUFFIX in name])
+def test_every_refined_model_is_its_registered_network_and_its_refiners(arch: str) -> None:
+    """The forward of a refined model is its network's (tested above); the refiners run after decoding."""
+    base, _, count = arch.partition(REFINED_SUFFIX)
+    model = create_model(arch)
+    assert isinstance(model, RefinedCCFNet) and len(model.refiners) == int(count or 1)
+    refiner_parameters = count_parameters(PointRefiner())
+    assert count_parameters(model) == count_parameters(create_model(base)) + len(model.refiners) * refiner_parameters
+
+
+def test_a_point_refiner_runs_forward_and_backward() -> None:
+    refiner = PointRefiner().train()
+    out = refiner(torch.rand(4, 1, 64, 64), torch.arange(4))
+    assert out.shape == (4, 2) and (out.abs() <= 1).all()
+    out.pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in refiner.parameters())
 
 
 def test_a_patch_grader_runs_forward_and_backward() -> None:
