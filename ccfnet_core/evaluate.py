@@ -7,11 +7,13 @@ did not see it (out-of-fold), which is how the cross-validation numbers in docs/
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ccfnet_core.checkpoint import load_model, save_model
 from ccfnet_core.inference import Predictor
 from ccfnet_core.metrics import challenge_metrics, confusion_matrices, miss_breakdown, paper_metrics
 from ccfnet_core.sample import Prediction, SliceSample
@@ -100,10 +102,6 @@ def per_fold_metrics(
 
 def record_in_card(checkpoint: Path, summary: dict[str, Any], per_fold: dict[int, dict[str, Any]], k: int) -> None:
     """Write out-of-fold metrics into the checkpoint's card (weights, and so their digest, untouched)."""
-    from dataclasses import replace
-
-    from ccfnet_core.checkpoint import load_model, save_model
-
     model, card = load_model(checkpoint)
     metrics: dict[str, Any] = {key: summary[key] for key in (*PAPER_KEYS, "challenge_macro_f1")}
     metrics["per_fold"] = per_fold
