@@ -9,10 +9,8 @@ the network and the grader that did not train on it: the grader's out-of-fold nu
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +18,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ccfnet_core.checkpoint import (
-    CheckpointError,
-    ModelCard,
-    load_model,
-    new_card,
-    read_checkpoint,
-    save_model,
-    source_record,
-)
-from ccfnet_core.evaluate import fold_checkpoint
+from ccfnet_core.checkpoint import ModelCard, load_model, save_model
 from ccfnet_core.grader import PATCH_LEVELS, PATCH_PIXELS, PatchGrader, PatchJitter, crop_patches
 from ccfnet_core.metrics import roc_auc
 from ccfnet_core.model import CCFNet, GradedCCFNet, PairedCCFNet, graded_arch
+from ccfnet_core.patch_training import (
+    Progress,
+    attach_fold_by_fold,
+    attached_sources,
+    combined_card,
+    fit_patch_model,
+    load_patch_model,
+    patch_model_card,
+    train_folds,
+)
 from ccfnet_core.sample import SliceSample
 from ccfnet_core.structures import DISC_INDICES, NUM_STRUCTURES, VERTEBRA_INDICES
 
 GRADER_ARCH = "patch-grader"
 GRADED_LIMITATION = "the grade is read in a patch at each found point: a point on a wrong level is graded as that level"
-Progress = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -80,28 +78,15 @@ def train_grader(samples: Sequence[SliceSample], recipe: GraderRecipe, progress:
         raise ValueError("no study with a graded, annotated point to train the grader on")
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-    grader = PatchGrader()
-    optimiser = torch.optim.AdamW(grader.parameters(), lr=recipe.max_lr, weight_decay=recipe.weight_decay)
     points = sum(int(np.isfinite(s.abnormal_targets()).sum()) for s in usable)
-    steps = recipe.epochs * math.ceil(points / recipe.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, recipe.max_lr, total_steps=steps)
-    for epoch in range(recipe.epochs):
-        grader.train()
-        x, k, y = _training_patches(usable, rng, recipe.jitter)
-        order = torch.randperm(len(y))
-        total = 0.0
-        for start in range(0, len(y), recipe.batch_size):
-            batch = order[start : start + recipe.batch_size]
-            loss = F.binary_cross_entropy_with_logits(grader(x[batch], k[batch]), y[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            if schedule.last_epoch < steps - 1:
-                schedule.step()
-            total += loss.item() * len(batch)
-        if progress:
-            progress(epoch + 1, recipe.epochs, total / len(y))
-    return grader.eval()
+    return fit_patch_model(
+        PatchGrader(),
+        lambda: _training_patches(usable, rng, recipe.jitter),
+        F.binary_cross_entropy_with_logits,
+        points,
+        recipe,
+        progress,
+    )
 
 
 def held_out_auc(grader: PatchGrader, samples: Sequence[SliceSample]) -> dict[str, float]:
@@ -122,18 +107,10 @@ def held_out_auc(grader: PatchGrader, samples: Sequence[SliceSample]) -> dict[st
 
 
 def grader_card(training_data: str, recipe: GraderRecipe, metrics: dict[str, Any]) -> ModelCard:
-    return new_card(
-        arch=GRADER_ARCH,
-        input_size=PATCH_PIXELS,
-        stride=1,
-        sigma=0.0,
-        training_data=training_data,
+    return patch_model_card(
+        GRADER_ARCH,
+        training_data,
         intended_use="research; the grade of lumbar structures at points found by a CCF-Net",
-        phantom_only=False,
-        preprocessing=(
-            "the middle input slice in [0, 1]; per point a patch of PATCH_LEVELS lumbar levels (a level = twice "
-            "the median step between the points along the spine), rotated to the local spine axis, 64 x 64"
-        ),
         outputs="per structure: P(abnormal) logit, vertebra v2 vs v1; disc v2/v3/v4 vs v1",
         recipe=recipe.to_dict(),
         metrics=metrics,
@@ -142,12 +119,7 @@ def grader_card(training_data: str, recipe: GraderRecipe, metrics: dict[str, Any
 
 def load_grader(path: Path) -> tuple[PatchGrader, ModelCard]:
     """A grader checkpoint (weights digest verified), in eval mode on the CPU."""
-    card, state = read_checkpoint(path)
-    if card.arch != GRADER_ARCH:
-        raise CheckpointError(f"{path}: a {card.arch} checkpoint, not a patch grader")
-    grader = PatchGrader()
-    grader.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return grader.eval(), card
+    return load_patch_model(path, GRADER_ARCH, PatchGrader(), "patch grader")
 
 
 def train_grader_folds(
@@ -158,34 +130,18 @@ def train_grader_folds(
     training_data: str,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
-    """Train the grader of every fold (held out: that fold) and the final one (every study); skip those that exist.
-
-    `samples` are the usable studies (flagged ones already left out). Returns the paths, folds first.
-    """
-    k = max(folds.values()) + 1
-    written = []
-    for fold in [*range(k), -1]:
-        path = fold_checkpoint(out, fold) if fold >= 0 else out
-        written.append(path)
-        if path.is_file():
-            log(f"grader {path}: exists, kept")
-            continue
-        train = [s for s in samples if fold < 0 or folds[s.study_id] != fold]
-        held_out = [s for s in samples if fold >= 0 and folds[s.study_id] == fold]
-        name = f"fold {fold}" if fold >= 0 else "final"
-        started = time.perf_counter()
-
-        def progress(epoch: int, epochs: int, loss: float, name: str = name, started: float = started) -> None:
-            log(f"grader {name}: epoch {epoch}/{epochs} loss {loss:.4f} ({time.perf_counter() - started:.0f} s)")
-
-        grader = train_grader(train, recipe, progress)
-        metrics: dict[str, Any] = {"train_studies": len(train), "seconds": round(time.perf_counter() - started, 1)}
-        if held_out:
-            metrics.update(held_out_auc(grader, held_out), held_out_studies=len(held_out))
-        data = f"{training_data}; {len(train)} studies" + (f", fold {fold} held out" if fold >= 0 else "")
-        save_model(path, grader, grader_card(data, recipe, metrics), half=True)
-        log(f"grader {name}: saved {path} {metrics}")
-    return written
+    """Train the grader of every fold and the final one (`patch_training.train_folds`); returns the paths."""
+    return train_folds(
+        "grader",
+        samples,
+        folds,
+        out,
+        train=lambda training, progress: train_grader(training, recipe, progress),
+        held_out_metrics=held_out_auc,
+        card=lambda data, metrics: grader_card(data, recipe, metrics),
+        training_data=training_data,
+        log=log,
+    )
 
 
 Graders = Path | Sequence[Path]
@@ -206,20 +162,16 @@ def attach_grader(network: Path, grader: Graders, out: Path, network_share: floa
         raise ValueError(f"{network} already has a grader")
     paths = _grader_paths(grader)
     loaded = [load_grader(path) for path in paths]
-    sources = [
-        {**source_record(grader_card_, path), "training_data": grader_card_.training_data}
-        for path, (_, grader_card_) in zip(paths, loaded, strict=True)
-    ]
+    sources = attached_sources(paths, [grader_card_ for _, grader_card_ in loaded])
     recipe = dict(card.recipe)
     recipe.update({"grader": sources[0]} if len(sources) == 1 else {"graders": sources})
     recipe["network_logit_share"] = network_share
-    graded = replace(
-        new_card(**{k: v for k, v in asdict(card).items() if k not in ("model_uuid", "created", "version")}),
-        arch=graded_arch(card.arch, len(paths)),
-        outputs=card.outputs + "; P(abnormal) re-read by a patch grader at each point",
-        limitations=tuple(dict.fromkeys((*card.limitations, GRADED_LIMITATION))),
-        recipe=recipe,
-        metrics={},
+    graded = combined_card(
+        card,
+        graded_arch(card.arch, len(paths)),
+        card.outputs + "; P(abnormal) re-read by a patch grader at each point",
+        GRADED_LIMITATION,
+        recipe,
     )
     model_out = GradedCCFNet(model, [g for g, _ in loaded], network_share)
     return save_model(out, model_out, graded, half=True)
@@ -229,14 +181,11 @@ def attach_grader_with_folds(
     network: Path, grader: Graders, out: Path, folds: int, network_share: float = 0.0
 ) -> ModelCard:
     """`attach_grader` for each of the `folds` fold models (all must exist), then for the final ones."""
-    paths = _grader_paths(grader)
-    members = [
-        (fold_checkpoint(network, k), [fold_checkpoint(p, k) for p in paths], fold_checkpoint(out, k))
-        for k in range(folds)
-    ]
-    for source in (path for net, grd, _ in members for path in (net, *grd)):
-        if not source.is_file():
-            raise FileNotFoundError(f"attaching the grader fold by fold needs {source}")
-    for net, grd, result in members:
-        attach_grader(net, grd, result, network_share)
-    return attach_grader(network, paths, out, network_share)
+    return attach_fold_by_fold(
+        "grader",
+        network,
+        _grader_paths(grader),
+        out,
+        folds,
+        lambda net, graders, result: attach_grader(net, graders, result, network_share),
+    )

@@ -8,34 +8,33 @@ the refiner fold by fold into `<arch>-refined` checkpoints, so `ccfnet evaluate 
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ccfnet_core.checkpoint import (
-    CheckpointError,
-    ModelCard,
-    load_model,
-    new_card,
-    read_checkpoint,
-    save_model,
-    source_record,
-)
-from ccfnet_core.evaluate import fold_checkpoint
+from ccfnet_core.checkpoint import ModelCard, load_model, save_model
 from ccfnet_core.grader import PATCH_LEVELS, PATCH_PIXELS, level_pixels
 from ccfnet_core.model import RefinedCCFNet, refined_arch
+from ccfnet_core.patch_training import (
+    EpochData,
+    Progress,
+    attach_fold_by_fold,
+    attached_sources,
+    combined_card,
+    fit_patch_model,
+    load_patch_model,
+    patch_model_card,
+    train_folds,
+)
 from ccfnet_core.refiner import MM_PER_LEVEL, PointRefiner, RefinerJitter, training_patches
 from ccfnet_core.sample import SliceSample
 from ccfnet_core.structures import NUM_STRUCTURES
 
 REFINER_ARCH = "point-refiner"
-Progress = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -70,35 +69,23 @@ def train_refiner(
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     refiner = PointRefiner()
-    optimiser = torch.optim.AdamW(refiner.parameters(), lr=recipe.max_lr, weight_decay=recipe.weight_decay)
     images = [_slice(s) for s in usable]
-    points = sum(int(s.present.sum()) for s in usable)
-    steps = recipe.epochs * math.ceil(points / recipe.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, recipe.max_lr, total_steps=steps)
-    for epoch in range(recipe.epochs):
-        refiner.train()
-        xs, ys, ks = [], [], []
+
+    def epoch_data() -> EpochData:
+        xs, ks, ys = [], [], []
         for image, sample in zip(images, usable, strict=True):
             patches, target, present = training_patches(image, sample.points, recipe.jitter, rng)
             keep = torch.from_numpy(present)
             xs.append(patches[keep])
-            ys.append(target[keep])
             ks.append(torch.arange(NUM_STRUCTURES)[keep])
-        x, y, k = torch.cat(xs), torch.cat(ys), torch.cat(ks)
-        order = torch.randperm(len(y))
-        total = 0.0
-        for start in range(0, len(y), recipe.batch_size):
-            batch = order[start : start + recipe.batch_size]
-            loss = (refiner(x[batch], k[batch]) - y[batch]).abs().sum(dim=1).mean()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            if schedule.last_epoch < steps - 1:
-                schedule.step()
-            total += loss.item() * len(batch)
-        if progress:
-            progress(epoch + 1, recipe.epochs, total / len(y))
-    return refiner.eval()
+            ys.append(target[keep])
+        return torch.cat(xs), torch.cat(ks), torch.cat(ys)
+
+    def l1(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (predicted - target).abs().sum(dim=1).mean()
+
+    points = sum(int(s.present.sum()) for s in usable)
+    return fit_patch_model(refiner, epoch_data, l1, points, recipe, progress)
 
 
 def held_out_error(refiner: PointRefiner, samples: Sequence[SliceSample], seed: int = 1) -> dict[str, float]:
@@ -127,18 +114,10 @@ def held_out_error(refiner: PointRefiner, samples: Sequence[SliceSample], seed: 
 
 
 def refiner_card(training_data: str, recipe: RefinerRecipe, metrics: dict[str, Any]) -> ModelCard:
-    return new_card(
-        arch=REFINER_ARCH,
-        input_size=PATCH_PIXELS,
-        stride=1,
-        sigma=0.0,
-        training_data=training_data,
+    return patch_model_card(
+        REFINER_ARCH,
+        training_data,
         intended_use="research; moves points found by a CCF-Net onto their lumbar structure",
-        phantom_only=False,
-        preprocessing=(
-            "the middle input slice in [0, 1]; per point a patch of PATCH_LEVELS lumbar levels (a level = twice "
-            "the median step between the points along the spine), rotated to the local spine axis, 64 x 64"
-        ),
         outputs="per structure: where it is in the patch, (u, v) in [-1, 1]",
         recipe=recipe.to_dict(),
         metrics=metrics,
@@ -147,12 +126,7 @@ def refiner_card(training_data: str, recipe: RefinerRecipe, metrics: dict[str, A
 
 def load_refiner(path: Path) -> tuple[PointRefiner, ModelCard]:
     """A refiner checkpoint (weights digest verified), in eval mode on the CPU."""
-    card, state = read_checkpoint(path)
-    if card.arch != REFINER_ARCH:
-        raise CheckpointError(f"{path}: a {card.arch} checkpoint, not a point refiner")
-    refiner = PointRefiner()
-    refiner.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return refiner.eval(), card
+    return load_patch_model(path, REFINER_ARCH, PointRefiner(), "point refiner")
 
 
 def train_refiner_folds(
@@ -163,34 +137,18 @@ def train_refiner_folds(
     training_data: str,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
-    """Train the refiner of every fold (held out: that fold) and the final one (every study); skip those that exist.
-
-    `samples` are the usable studies (flagged ones already left out). Returns the paths, folds first.
-    """
-    k = max(folds.values()) + 1
-    written = []
-    for fold in [*range(k), -1]:
-        path = fold_checkpoint(out, fold) if fold >= 0 else out
-        written.append(path)
-        if path.is_file():
-            log(f"refiner {path}: exists, kept")
-            continue
-        train = [s for s in samples if fold < 0 or folds[s.study_id] != fold]
-        held_out = [s for s in samples if fold >= 0 and folds[s.study_id] == fold]
-        name = f"fold {fold}" if fold >= 0 else "final"
-        started = time.perf_counter()
-
-        def progress(epoch: int, epochs: int, loss: float, name: str = name, started: float = started) -> None:
-            log(f"refiner {name}: epoch {epoch}/{epochs} loss {loss:.4f} ({time.perf_counter() - started:.0f} s)")
-
-        refiner = train_refiner(train, recipe, progress)
-        metrics: dict[str, Any] = {"train_studies": len(train), "seconds": round(time.perf_counter() - started, 1)}
-        if held_out:
-            metrics.update(held_out_error(refiner, held_out), held_out_studies=len(held_out))
-        data = f"{training_data}; {len(train)} studies" + (f", fold {fold} held out" if fold >= 0 else "")
-        save_model(path, refiner, refiner_card(data, recipe, metrics), half=True)
-        log(f"refiner {name}: saved {path} {metrics}")
-    return written
+    """Train the refiner of every fold and the final one (`patch_training.train_folds`); returns the paths."""
+    return train_folds(
+        "refiner",
+        samples,
+        folds,
+        out,
+        train=lambda training, progress: train_refiner(training, recipe, progress),
+        held_out_metrics=held_out_error,
+        card=lambda data, metrics: refiner_card(data, recipe, metrics),
+        training_data=training_data,
+        log=log,
+    )
 
 
 REFINED_LIMITATION = "points are moved within their patch only: a point on a wrong level stays on that level"
@@ -205,32 +163,18 @@ def attach_refiner(network: Path, refiners: Sequence[Path], out: Path) -> ModelC
     if isinstance(model, RefinedCCFNet):
         raise ValueError(f"{network} already has a refiner")
     loaded = [load_refiner(path) for path in refiners]
-    sources = [
-        {**source_record(refiner_card_, path), "training_data": refiner_card_.training_data}
-        for path, (_, refiner_card_) in zip(refiners, loaded, strict=True)
-    ]
     recipe = dict(card.recipe)
-    recipe["refiners"] = sources
-    refined = replace(
-        new_card(**{k: v for k, v in asdict(card).items() if k not in ("model_uuid", "created", "version")}),
-        arch=refined_arch(card.arch, len(refiners)),
-        outputs=card.outputs + "; points moved by a point refiner",
-        limitations=tuple(dict.fromkeys((*card.limitations, REFINED_LIMITATION))),
-        recipe=recipe,
-        metrics={},
+    recipe["refiners"] = attached_sources(refiners, [refiner_card_ for _, refiner_card_ in loaded])
+    refined = combined_card(
+        card,
+        refined_arch(card.arch, len(refiners)),
+        card.outputs + "; points moved by a point refiner",
+        REFINED_LIMITATION,
+        recipe,
     )
     return save_model(out, RefinedCCFNet(model, [r for r, _ in loaded]), refined, half=True)
 
 
 def attach_refiner_with_folds(network: Path, refiners: Sequence[Path], out: Path, folds: int) -> ModelCard:
     """`attach_refiner` for each of the `folds` fold models (all must exist), then for the final ones."""
-    members = [
-        (fold_checkpoint(network, k), [fold_checkpoint(p, k) for p in refiners], fold_checkpoint(out, k))
-        for k in range(folds)
-    ]
-    for source in (path for net, refs, _ in members for path in (net, *refs)):
-        if not source.is_file():
-            raise FileNotFoundError(f"attaching the refiner fold by fold needs {source}")
-    for net, refs, result in members:
-        attach_refiner(net, refs, result)
-    return attach_refiner(network, refiners, out)
+    return attach_fold_by_fold("refiner", network, refiners, out, folds, attach_refiner)
