@@ -160,11 +160,16 @@ def read_card(path: Path) -> ModelCard:
     return _read(path)[0]
 
 
+def float32_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict read from a (possibly float16) checkpoint with its floating tensors in float32, for loading."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Network, ModelCard]:
     """Load weights and card, verify the sha256, return the model in eval mode (float32) on `device`."""
     card, state = read_checkpoint(path)
     model = create_model(card.arch)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.load_state_dict(float32_state(state))
     return model.to(device).eval(), card
 
 

@@ -19,7 +19,15 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from ccfnet_core.checkpoint import CheckpointError, ModelCard, new_card, read_checkpoint, save_model, source_record
+from ccfnet_core.checkpoint import (
+    CheckpointError,
+    ModelCard,
+    float32_state,
+    new_card,
+    read_checkpoint,
+    save_model,
+    source_record,
+)
 from ccfnet_core.evaluate import fold_checkpoint
 from ccfnet_core.grader import PATCH_PIXELS
 from ccfnet_core.sample import SliceSample
@@ -101,7 +109,7 @@ def load_patch_model(path: Path, arch: str, model: Model, what: str) -> tuple[Mo
     card, state = read_checkpoint(path)
     if card.arch != arch:
         raise CheckpointError(f"{path}: a {card.arch} checkpoint, not a {what}")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.load_state_dict(float32_state(state))
     return model.eval(), card
 
 
@@ -110,8 +118,8 @@ def train_folds(
     samples: Sequence[SliceSample],
     folds: dict[str, int],
     out: Path,
-    train: Callable[[Sequence[SliceSample], Progress], nn.Module],
-    held_out_metrics: Callable[[Any, Sequence[SliceSample]], dict[str, float]],
+    train: Callable[[Sequence[SliceSample], Progress], Model],
+    held_out_metrics: Callable[[Model, Sequence[SliceSample]], dict[str, float]],
     card: Callable[[str, dict[str, Any]], ModelCard],
     training_data: str,
     log: Callable[[str], None] = print,
