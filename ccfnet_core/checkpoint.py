@@ -118,16 +118,48 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (missing, corrupt, wrong schema, weights not matching the card)."""
 
 
-def save_model(path: Path, model: nn.Module, card: ModelCard, half: bool = False) -> ModelCard:
+INT8_SCALE_SUFFIX = ".int8_scale"  # beside an int8 weight: its float32 scale per output channel
+INT8_MIN_ELEMENTS = 16384  # smaller weights (stems, output convs: 0.7% of a pair's) stay float16
+
+
+def quantise_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Conv and linear weights (floating, 2+ dims, `INT8_MIN_ELEMENTS` or more) as int8 with a symmetric float32
+    scale per output channel (`<key>.int8_scale`), the rest as `save_model(half=True)` stores it. Why: three
+    CCF-Nets fit the 25 MB checkpoint limit (issue 6) only at a byte per weight; per-channel scales keep each
+    filter's own range, and the first and last layers, which quantisation hurts most, cost almost nothing kept."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if value.is_floating_point() and value.dim() >= 2 and value.numel() >= INT8_MIN_ELEMENTS:
+            weight = value.float()
+            peak = weight.abs().reshape(weight.shape[0], -1).amax(dim=1).clamp_min(1e-12)
+            scale = peak / 127.0
+            shape = (-1, *([1] * (weight.dim() - 1)))
+            out[key] = torch.round(weight / scale.reshape(shape)).clamp(-127, 127).to(torch.int8)
+            out[key + INT8_SCALE_SUFFIX] = scale
+        else:
+            out[key] = value.half() if value.is_floating_point() and value.dim() > 0 else value
+    return out
+
+
+def save_model(path: Path, model: nn.Module, card: ModelCard, half: bool = False, int8: bool = False) -> ModelCard:
     """Write weights + card (and nothing else) to `path`; returns the card with sha256 and dtype filled.
 
     `half` stores the weights and statistics as float16; a scalar setting kept as a buffer (a pair's or an
-    ensemble's logit share, such as 1/3) stays float32, so it is exactly what was asked for.
+    ensemble's logit share, such as 1/3) stays float32, so it is exactly what was asked for. `int8` stores the
+    conv and linear weights as int8 per output channel (`quantise_int8`) and the rest as `half` does.
     """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if half:
+    if int8:
+        state, dtype = quantise_int8(state), "int8"
+    elif half:
         state = {k: v.half() if v.is_floating_point() and v.dim() > 0 else v for k, v in state.items()}
-    card = replace(card, weights_sha256=state_dict_sha256(state), dtype="float16" if half else "float32")
+        dtype = "float16"
+    else:
+        dtype = "float32"
+    return _write(path, replace(card, weights_sha256=state_dict_sha256(state), dtype=dtype), state)
+
+
+def _write(path: Path, card: ModelCard, state: dict[str, torch.Tensor]) -> ModelCard:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({"card": card.to_dict(), "state_dict": state}, buffer)
@@ -135,6 +167,12 @@ def save_model(path: Path, model: nn.Module, card: ModelCard, half: bool = False
     tmp.write_bytes(buffer.getvalue())
     tmp.replace(path)
     return card
+
+
+def write_card(path: Path, card: ModelCard) -> ModelCard:
+    """Rewrite the card of a checkpoint and keep its stored tensors byte for byte (so its digest and dtype)."""
+    stored, state = read_checkpoint(path)
+    return _write(path, replace(card, weights_sha256=stored.weights_sha256, dtype=stored.dtype), state)
 
 
 def read_checkpoint(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
@@ -161,8 +199,18 @@ def read_card(path: Path) -> ModelCard:
 
 
 def float32_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict read from a (possibly float16) checkpoint with its floating tensors in float32, for loading."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    """A state dict read from a (possibly float16 or int8) checkpoint with its floating tensors in float32 and its
+    int8 weights scaled back (`quantise_int8`), for loading."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(INT8_SCALE_SUFFIX):
+            continue
+        scale = state.get(key + INT8_SCALE_SUFFIX)
+        if scale is not None:
+            out[key] = value.float() * scale.float().reshape(-1, *([1] * (value.dim() - 1)))
+        else:
+            out[key] = value.float() if value.is_floating_point() else value
+    return out
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Network, ModelCard]:

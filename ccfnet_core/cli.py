@@ -288,6 +288,26 @@ def pair(
                            "fold_models": folds, "logits": logits}))
 
 
+@_guarded
+def add_localiser(
+    model: Path = typer.Option(..., help="pair or ensemble checkpoint (graded or refined or not) to add it to"),
+    localiser: Path = typer.Option(..., help="a second localiser (same architecture), averaged into the points"),
+    out: Path = typer.Option(..., help="checkpoint to write (<arch>-loc2)"),
+    folds: int = typer.Option(0, help="also add the K fold localisers to the K fold models (<stem>.folds/)"),
+    int8: bool = typer.Option(False, help="store conv weights as int8 per output channel (float16 otherwise)"),
+) -> None:
+    """One checkpoint: the model with its points from the mean of two localisers' maps, everything else kept."""
+    from ccfnet_core.pair import add_localiser as add
+    from ccfnet_core.pair import add_localiser_with_folds
+
+    if folds:
+        card = add_localiser_with_folds(model, localiser, out, folds, int8)
+    else:
+        card = add(model, localiser, out, int8)
+    typer.echo(json.dumps({"model": str(out), "arch": card.arch, "weights_sha256": card.weights_sha256,
+                           "dtype": card.dtype, "fold_models": folds}))
+
+
 # --------------------------------------------------------------------------------------------- grader
 @_guarded
 def train_grader(
@@ -475,6 +495,7 @@ def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
     app.command("predict")(predict)
     app.command("pair")(pair)
+    app.command("add-localiser")(add_localiser)
     app.command("train-grader")(train_grader)
     app.command("attach-grader")(attach_grader)
     app.command("train-refiner")(train_refiner)

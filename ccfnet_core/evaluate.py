@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ccfnet_core.checkpoint import load_model, save_model
+from ccfnet_core.checkpoint import read_card, write_card
 from ccfnet_core.inference import Predictor
 from ccfnet_core.metrics import challenge_metrics, confusion_matrices, miss_breakdown, paper_metrics
 from ccfnet_core.sample import Prediction, SliceSample
@@ -102,11 +102,11 @@ def per_fold_metrics(
 
 def record_in_card(checkpoint: Path, summary: dict[str, Any], per_fold: dict[int, dict[str, Any]], k: int) -> None:
     """Write out-of-fold metrics into the checkpoint's card (weights, and so their digest, untouched)."""
-    model, card = load_model(checkpoint)
+    card = read_card(checkpoint)
     metrics: dict[str, Any] = {key: summary[key] for key in (*PAPER_KEYS, "challenge_macro_f1")}
     metrics["per_fold"] = per_fold
     metrics["evaluation"] = f"{k}-fold out-of-fold over {summary['studies']} unflagged studies, 6 mm"
-    save_model(checkpoint, model, replace(card, metrics=metrics), half=card.dtype == "float16")
+    write_card(checkpoint, replace(card, metrics=metrics))
 
 
 def write_figures(

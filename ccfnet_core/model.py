@@ -259,6 +259,8 @@ class PairedCCFNet(nn.Module):
     unchanged, only run several times. Pairs and ensembles are assembled from trained checkpoints
     (`ccfnet_core.pair`), not trained as one; the share is a buffer, so it is saved with the weights and covered
     by their digest. A pair has no `extra_classifiers` weights, so its state dict is the same as before they were.
+    `extra_localisers` (another seed of the localiser's recipe, `<arch>-loc2`) are averaged with the localiser,
+    all 44 maps: the heatmaps, the offsets and the logits the localiser's share reads.
     """
 
     localiser_logit_share: Tensor
@@ -269,9 +271,10 @@ class PairedCCFNet(nn.Module):
         classifier: CCFNet,
         localiser_logit_share: float = 0.0,
         extra_classifiers: Sequence[CCFNet] = (),
+        extra_localisers: Sequence[CCFNet] = (),
     ):
         super().__init__()
-        for other in (classifier, *extra_classifiers):
+        for other in (classifier, *extra_classifiers, *extra_localisers):
             if localiser.spec != other.spec:
                 raise ValueError(f"a pair needs one architecture, not {localiser.spec.name} + {other.spec.name}")
         if not 0.0 <= localiser_logit_share < 1.0:
@@ -279,6 +282,7 @@ class PairedCCFNet(nn.Module):
         self.localiser = localiser
         self.classifier = classifier
         self.extra_classifiers = nn.ModuleList(extra_classifiers)
+        self.extra_localisers = nn.ModuleList(extra_localisers)
         self.spec = localiser.spec
         self.stride = localiser.stride
         self.register_buffer("localiser_logit_share", torch.tensor(float(localiser_logit_share)))
@@ -286,6 +290,9 @@ class PairedCCFNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, 44, h, w): the localiser's 33 point maps, then the 11 logits (see the class)."""
         located = self.localiser(x)
+        for extra in self.extra_localisers:
+            located = located + extra(x)
+        located = located / (1 + len(self.extra_localisers))
         points = located[:, : 3 * NUM_STRUCTURES]
         logits = self.classifier(x)[:, 3 * NUM_STRUCTURES :]
         for extra in self.extra_classifiers:
@@ -375,13 +382,21 @@ ENSEMBLE_SUFFIX = "-ens"  # + the number of networks: r18-msc-ens3 is a localise
 ENSEMBLE_SIZES = (3, 4, 5)
 
 
-def combined_arch(single_arch: str, classifiers: int) -> str:
-    """The registry name of a localiser and `classifiers` classifiers of `single_arch`: a pair or an ensemble."""
+LOCALISERS_SUFFIX = "-loc"  # + the number of localisers averaged, when more than one: r18-msc-pair-loc2
+LOCALISER_COUNTS = (1, 2)
+
+
+def combined_arch(single_arch: str, classifiers: int, localisers: int = 1) -> str:
+    """The registry name of `localisers` localisers and `classifiers` classifiers of `single_arch`: a pair or an
+    ensemble, `-loc2` when two localisers' maps are averaged."""
+    if localisers not in LOCALISER_COUNTS:
+        raise ValueError(f"a pair has {LOCALISER_COUNTS[0]}-{LOCALISER_COUNTS[-1]} localisers, not {localisers}")
+    located = f"{LOCALISERS_SUFFIX}{localisers}" if localisers > 1 else ""
     if classifiers == 1:
-        return single_arch + PAIR_SUFFIX
+        return single_arch + PAIR_SUFFIX + located
     if classifiers + 1 not in ENSEMBLE_SIZES:
         raise ValueError(f"an ensemble has {ENSEMBLE_SIZES[0]}-{ENSEMBLE_SIZES[-1]} networks, not {classifiers + 1}")
-    return f"{single_arch}{ENSEMBLE_SUFFIX}{classifiers + 1}"
+    return f"{single_arch}{ENSEMBLE_SUFFIX}{classifiers + 1}{located}"
 
 
 GRADED_SUFFIX = "-graded"
@@ -412,7 +427,7 @@ def refined_arch(arch: str, refiners: int = 1) -> str:
 
 def is_combined(arch: str) -> bool:
     """True for a pair or an ensemble (several networks read as one), False for a single network."""
-    arch = arch.split(REFINED_SUFFIX)[0].split(GRADED_SUFFIX)[0]
+    arch = arch.split(REFINED_SUFFIX)[0].split(GRADED_SUFFIX)[0].split(LOCALISERS_SUFFIX)[0]
     return arch.endswith(PAIR_SUFFIX) or any(arch.endswith(f"{ENSEMBLE_SUFFIX}{n}") for n in ENSEMBLE_SIZES)
 
 
@@ -471,17 +486,22 @@ def resnet50_baseline() -> CCFNet:
     return _create_ccfnet("r50", Bottleneck, (3, 4, 6, 3), msc=False)
 
 
-def _combined_builder(single: Callable[[], CCFNet], classifiers: int) -> Callable[[], PairedCCFNet]:
+def _combined_builder(
+    single: Callable[[], CCFNet], classifiers: int, localisers: int
+) -> Callable[[], PairedCCFNet]:
     def build() -> PairedCCFNet:
         localiser, classifier, *extra = (single() for _ in range(1 + classifiers))
-        return PairedCCFNet(localiser, classifier, extra_classifiers=extra)
+        more_localisers = [single() for _ in range(localisers - 1)]
+        return PairedCCFNet(localiser, classifier, extra_classifiers=extra, extra_localisers=more_localisers)
 
     return build
 
 
 for _name, _single in (("r18-msc", ccfnet_r18_msc), ("r50-msc", ccfnet_r50_msc)):
     for _classifiers in (1, *(n - 1 for n in ENSEMBLE_SIZES)):
-        register_model(combined_arch(_name, _classifiers))(_combined_builder(_single, _classifiers))
+        for _localisers in LOCALISER_COUNTS if _classifiers == 1 else (1,):  # two localisers: pairs only
+            _arch = combined_arch(_name, _classifiers, _localisers)
+            register_model(_arch)(_combined_builder(_single, _classifiers, _localisers))
 
 
 def _graded_builder(network: Callable[[], CCFNet | PairedCCFNet], graders: int) -> Callable[[], GradedCCFNet]:

@@ -17,7 +17,17 @@ from pathlib import Path
 
 from ccfnet_core.checkpoint import ModelCard, load_model, new_card, save_model, source_record
 from ccfnet_core.evaluate import fold_checkpoint
-from ccfnet_core.model import PAIR_LOGITS, CCFNet, PairedCCFNet, combined_arch, is_combined
+from ccfnet_core.model import (
+    PAIR_LOGITS,
+    CCFNet,
+    GradedCCFNet,
+    Network,
+    PairedCCFNet,
+    RefinedCCFNet,
+    combined_arch,
+    is_combined,
+)
+from ccfnet_core.patch_training import attach_fold_by_fold, combined_card
 
 Classifiers = Path | Sequence[Path]
 
@@ -126,3 +136,67 @@ def assemble_pair_with_folds(
     for loc, cls, pair in members:
         card = assemble_pair(loc, cls, pair, logits=logits)
     return card
+
+
+SECOND_LOCALISER_LIMITATION = (
+    "points from the mean of two localisers' maps: where they disagree on a level, the peak can fall between"
+)
+
+
+def _inner_pair(model: Network) -> PairedCCFNet:
+    """The pair or ensemble inside a pair, graded or refined model; ValueError for a single network."""
+    inner: object = model
+    while isinstance(inner, RefinedCCFNet | GradedCCFNet):
+        inner = inner.network
+    if not isinstance(inner, PairedCCFNet):
+        raise ValueError("a second localiser is added to a pair or an ensemble, not to a single network")
+    return inner
+
+
+def add_localiser(model: Path, localiser: Path, out: Path, int8: bool = False) -> ModelCard:
+    """Write `model` (a pair or ensemble, graded or refined or not) with `localiser` averaged into its points
+    (`<arch>-loc2`): the mean of both localisers' 44 maps, everything else unchanged (`PairedCCFNet`). `int8`
+    stores the weights at a byte each (`checkpoint.quantise_int8`), float16 otherwise."""
+    network, card = load_model(model)
+    extra, extra_card = load_model(localiser)
+    pair = _inner_pair(network)
+    if not isinstance(extra, CCFNet):
+        raise ValueError(f"{localiser} is not a single network")
+    if len(pair.extra_localisers):
+        raise ValueError(f"{model} already has two localisers")
+    if len(pair.extra_classifiers):
+        raise ValueError(f"{model} is an ensemble: a second localiser is added to a pair")
+    for name in ("input_size", "stride", "preprocessing", "structures", "phantom_only"):
+        if getattr(card, name) != getattr(extra_card, name):
+            ours, theirs = getattr(card, name), getattr(extra_card, name)
+            raise ValueError(f"model and localiser differ in {name}: {ours} vs {theirs}")
+    if extra.spec != pair.spec:
+        raise ValueError(f"a pair needs one architecture, not {pair.spec.name} + {extra.spec.name}")
+    pair.extra_localisers.append(extra)
+    classifiers = 1 + len(pair.extra_classifiers)
+    single = combined_arch(extra_card.arch, classifiers)
+    if not card.arch.startswith(single):
+        raise ValueError(f"{model} ({card.arch}) is not made of {extra_card.arch} networks")
+    arch = combined_arch(extra_card.arch, classifiers, localisers=2) + card.arch[len(single) :]
+    recipe = dict(card.recipe)
+    recipe["second_localiser"] = source_record(extra_card, localiser)
+    located = combined_card(
+        card,
+        arch,
+        card.outputs + "; points from the mean of two localisers' maps",
+        SECOND_LOCALISER_LIMITATION,
+        recipe,
+    )
+    return save_model(out, network, located, half=True, int8=int8)
+
+
+def add_localiser_with_folds(model: Path, localiser: Path, out: Path, folds: int, int8: bool = False) -> ModelCard:
+    """`add_localiser` for each of the `folds` fold models (all must exist), then for the final ones."""
+    return attach_fold_by_fold(
+        "second localiser",
+        model,
+        [localiser],
+        out,
+        folds,
+        lambda net, parts, result: add_localiser(net, parts[0], result, int8),
+    )

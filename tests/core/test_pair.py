@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +11,30 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ccfnet_core.checkpoint import ModelCard, load_model, new_card, save_model
+from ccfnet_core.checkpoint import (
+    INT8_SCALE_SUFFIX,
+    ModelCard,
+    load_model,
+    new_card,
+    read_checkpoint,
+    save_model,
+    write_card,
+)
 from ccfnet_core.decode import forward_tta
-from ccfnet_core.evaluate import fold_checkpoint, predict_out_of_fold
+from ccfnet_core.evaluate import fold_checkpoint, predict_out_of_fold, record_in_card
 from ccfnet_core.experiment import load_pairs
+from ccfnet_core.grader import PatchGrader
 from ccfnet_core.inference import Predictor, resize_input
-from ccfnet_core.model import CCFNet, PairedCCFNet, combined_arch, count_parameters, create_model, split_output
-from ccfnet_core.pair import assemble_pair, assemble_pair_with_folds
+from ccfnet_core.model import (
+    CCFNet,
+    GradedCCFNet,
+    PairedCCFNet,
+    combined_arch,
+    count_parameters,
+    create_model,
+    split_output,
+)
+from ccfnet_core.pair import SECOND_LOCALISER_LIMITATION, add_localiser, assemble_pair, assemble_pair_with_folds
 from ccfnet_core.sample import SliceSample
 from ccfnet_core.train import TrainConfig, Trainer
 from worker.cli import app
@@ -185,3 +203,100 @@ def test_experiment_pairs_need_both_sources(tmp_path: Path) -> None:
     config.write_text('[pairs.p]\nlocaliser = "a"\nclassifier = "b"\nlogits = "max"\n')
     with pytest.raises(ValueError, match=r"\[pairs\.p\] pair logits must be one of classifier, mean"):
         load_pairs(config)
+
+
+def test_a_second_localiser_is_averaged_into_every_map_the_localiser_gives() -> None:
+    loc, cls, second = _network(1), _network(2), _network(3)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        a, b, c = loc(x), cls(x), second(x)
+        out = PairedCCFNet(loc, cls, localiser_logit_share=0.5, extra_localisers=[second])(x)
+    torch.testing.assert_close(out[:, :33], (a[:, :33] + c[:, :33]) / 2)
+    torch.testing.assert_close(out[:, 33:], 0.5 * b[:, 33:] + 0.5 * (a[:, 33:] + c[:, 33:]) / 2)
+    assert count_parameters(create_model("r18-msc-pair-loc2")) == 3 * count_parameters(create_model("r18-msc"))
+    assert combined_arch("r18-msc", 1, localisers=2) == "r18-msc-pair-loc2"
+    with pytest.raises(ValueError, match="1-2 localisers, not 3"):
+        combined_arch("r18-msc", 1, localisers=3)
+
+
+def _graded_pair(path: Path) -> Path:
+    torch.manual_seed(5)
+    model = GradedCCFNet(PairedCCFNet(_network(1), _network(2), 0.5), [PatchGrader()], network_logit_share=0.25)
+    save_model(path, model, _card(arch="r18-msc-pair-graded", outputs="points; grades"), half=True)
+    return path
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_add_localiser_keeps_the_grader_and_averages_the_points_of_both_localisers(
+    tmp_path: Path, int8: bool
+) -> None:
+    graded, second = _graded_pair(tmp_path / "graded.pt"), _save(tmp_path / "loc2.pt", 3)
+    card = add_localiser(graded, second, tmp_path / "loc2-graded.pt", int8=int8)
+    model, loaded = load_model(tmp_path / "loc2-graded.pt")
+    assert loaded.arch == card.arch == "r18-msc-pair-loc2-graded" and loaded.dtype == ("int8" if int8 else "float16")
+    assert loaded.recipe["second_localiser"]["weights_sha256"] == load_model(second)[1].weights_sha256
+    assert loaded.limitations[-1] == SECOND_LOCALISER_LIMITATION
+    assert isinstance(model, GradedCCFNet) and isinstance(model.network, PairedCCFNet)
+    assert float(model.network_logit_share) == 0.25 and len(model.network.extra_localisers) == 1
+
+    before, _ = load_model(graded)
+    assert isinstance(before, GradedCCFNet) and isinstance(before.network, PairedCCFNet)
+    x = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = (before.network.localiser(x) + load_model(second)[0](x))[:, :33] / 2
+        got = model(x)[:, :33]
+    if int8:  # int8 weights carry their rounding (up to half a 127th of each filter's largest weight) through
+        relative = float((got - expected).norm() / expected.norm())
+        print(f"int8 relative error of the point maps: {relative:.4f}")
+        assert 0 < relative < 0.05
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if int8:
+        assert (tmp_path / "loc2-graded.pt").stat().st_size < 0.6 * (tmp_path / "loc2.pt").stat().st_size * 3
+
+    with pytest.raises(ValueError, match="already has two localisers"):
+        add_localiser(tmp_path / "loc2-graded.pt", second, tmp_path / "again.pt")
+    with pytest.raises(ValueError, match="not to a single network"):
+        add_localiser(second, second, tmp_path / "single.pt")
+    with pytest.raises(ValueError, match="input_size"):
+        add_localiser(graded, _save(tmp_path / "big.pt", 4, input_size=256), tmp_path / "big-pair.pt")
+    assert not any((tmp_path / name).exists() for name in ("again.pt", "single.pt", "big-pair.pt"))
+
+
+def test_int8_weights_load_within_their_scale_and_a_recorded_card_keeps_them(tmp_path: Path) -> None:
+    network = _network(1)
+    card = save_model(tmp_path / "int8.pt", network, _card(), int8=True)
+    stored_card, stored = read_checkpoint(tmp_path / "int8.pt")
+    assert card.dtype == stored_card.dtype == "int8"
+    conv = "layers.0.0.conv1.weight"
+    original = network.get_parameter(conv).detach()
+    assert stored[conv].dtype == torch.int8
+    assert stored[conv + INT8_SCALE_SUFFIX].shape == (original.shape[0],)
+    assert stored["conv1.weight"].dtype == torch.float16  # the stem is below INT8_MIN_ELEMENTS
+    loaded, _ = load_model(tmp_path / "int8.pt")
+    assert isinstance(loaded, CCFNet)
+    scale = stored[conv + INT8_SCALE_SUFFIX].reshape(-1, 1, 1, 1)
+    error = (loaded.get_parameter(conv).detach() - original).abs()
+    assert bool((error <= scale / 2 + 1e-7).all()) and float(error.max()) > 0
+    assert not any(key.endswith(INT8_SCALE_SUFFIX) for key in loaded.state_dict())
+
+    write_card(tmp_path / "int8.pt", replace(stored_card, metrics={"Score": 1.0}))
+    rewritten_card, rewritten = read_checkpoint(tmp_path / "int8.pt")
+    assert rewritten_card.metrics == {"Score": 1.0} and rewritten_card.weights_sha256 == card.weights_sha256
+    assert rewritten_card.dtype == "int8" and torch.equal(rewritten[conv], stored[conv])
+    summary = {key: 50.0 for key in ("L-Disc", "L-Vertebra", "C-Disc", "C-Vertebra", "Score")}
+    record_in_card(tmp_path / "int8.pt", {**summary, "challenge_macro_f1": 0.3, "studies": 4}, {0: summary}, 2)
+    recorded_card, recorded = read_checkpoint(tmp_path / "int8.pt")
+    assert recorded_card.metrics["Score"] == 50.0 and recorded_card.metrics["per_fold"] == {0: summary}
+    assert recorded_card.weights_sha256 == card.weights_sha256 and torch.equal(recorded[conv], stored[conv])
+
+
+def test_the_cli_adds_a_localiser_and_names_what_is_missing(tmp_path: Path) -> None:
+    runner = CliRunner()
+    graded, second = _graded_pair(tmp_path / "graded.pt"), _save(tmp_path / "loc2.pt", 3)
+    args = ["add-localiser", "--model", str(graded), "--localiser", str(second)]
+    ok = runner.invoke(app, [*args, "--out", str(tmp_path / "a.pt"), "--int8"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["arch"] == "r18-msc-pair-loc2-graded" and json.loads(ok.output)["dtype"] == "int8"
+    missing = runner.invoke(app, [*args, "--out", str(tmp_path / "b.pt"), "--folds", "2"])
+    assert missing.exit_code == 2 and "graded.folds/fold0.pt" in missing.output and "Traceback" not in missing.output
