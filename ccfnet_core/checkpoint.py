@@ -221,7 +221,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Network,
     return model.to(device).eval(), card
 
 
-DEFAULT_MODEL_NAME = "ccfnet-r18msc-refined-256-tianchi.pt"
+DEFAULT_MODEL_NAME = "ccfnet-r18msc-loc2-refined-256-tianchi.pt"
 PHANTOM_MODEL_NAME = "ccfnet-r18msc-phantom.pt"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
