@@ -118,6 +118,11 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (missing, corrupt, wrong schema, weights not matching the card)."""
 
 
+def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors as float16, except scalars (a logit share such as 1/3 stays exactly what was asked for)."""
+    return {k: v.half() if v.is_floating_point() and v.dim() > 0 else v for k, v in state.items()}
+
+
 INT8_SCALE_SUFFIX = ".int8_scale"  # beside an int8 weight: its float32 scale per output channel
 INT8_MIN_ELEMENTS = 16384  # smaller weights (stems, output convs: 0.7% of a pair's) stay float16
 
@@ -127,18 +132,19 @@ def quantise_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     scale per output channel (`<key>.int8_scale`), the rest as `save_model(half=True)` stores it. Why: three
     CCF-Nets fit the 25 MB checkpoint limit (issue 6) only at a byte per weight; per-channel scales keep each
     filter's own range, and the first and last layers, which quantisation hurts most, cost almost nothing kept."""
-    out: dict[str, torch.Tensor] = {}
+    out = _half(state)
     for key, value in state.items():
         if value.is_floating_point() and value.dim() >= 2 and value.numel() >= INT8_MIN_ELEMENTS:
             weight = value.float()
-            peak = weight.abs().reshape(weight.shape[0], -1).amax(dim=1).clamp_min(1e-12)
-            scale = peak / 127.0
-            shape = (-1, *([1] * (weight.dim() - 1)))
-            out[key] = torch.round(weight / scale.reshape(shape)).clamp(-127, 127).to(torch.int8)
+            scale = weight.abs().reshape(weight.shape[0], -1).amax(dim=1).clamp_min(1e-12) / 127.0
+            out[key] = torch.round(weight / _per_channel(scale, weight)).clamp(-127, 127).to(torch.int8)
             out[key + INT8_SCALE_SUFFIX] = scale
-        else:
-            out[key] = value.half() if value.is_floating_point() and value.dim() > 0 else value
     return out
+
+
+def _per_channel(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A (C_out,) scale shaped to broadcast over a (C_out, ...) weight."""
+    return scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
 
 def save_model(path: Path, model: nn.Module, card: ModelCard, half: bool = False, int8: bool = False) -> ModelCard:
@@ -152,8 +158,7 @@ def save_model(path: Path, model: nn.Module, card: ModelCard, half: bool = False
     if int8:
         state, dtype = quantise_int8(state), "int8"
     elif half:
-        state = {k: v.half() if v.is_floating_point() and v.dim() > 0 else v for k, v in state.items()}
-        dtype = "float16"
+        state, dtype = _half(state), "float16"
     else:
         dtype = "float32"
     return _write(path, replace(card, weights_sha256=state_dict_sha256(state), dtype=dtype), state)
@@ -207,7 +212,7 @@ def float32_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         scale = state.get(key + INT8_SCALE_SUFFIX)
         if scale is not None:
-            out[key] = value.float() * scale.float().reshape(-1, *([1] * (value.dim() - 1)))
+            out[key] = value.float() * _per_channel(scale.float(), value)
         else:
             out[key] = value.float() if value.is_floating_point() else value
     return out

@@ -290,7 +290,7 @@ def pair(
 
 @_guarded
 def add_localiser(
-    model: Path = typer.Option(..., help="pair or ensemble checkpoint (graded or refined or not) to add it to"),
+    model: Path = typer.Option(..., help="pair checkpoint (graded or refined or not) to add it to"),
     localiser: Path = typer.Option(..., help="a second localiser (same architecture), averaged into the points"),
     out: Path = typer.Option(..., help="checkpoint to write (<arch>-loc2)"),
     folds: int = typer.Option(0, help="also add the K fold localisers to the K fold models (<stem>.folds/)"),

@@ -387,16 +387,17 @@ LOCALISER_COUNTS = (1, 2)
 
 
 def combined_arch(single_arch: str, classifiers: int, localisers: int = 1) -> str:
-    """The registry name of `localisers` localisers and `classifiers` classifiers of `single_arch`: a pair or an
-    ensemble, `-loc2` when two localisers' maps are averaged."""
+    """The registry name of `localisers` localisers and `classifiers` classifiers of `single_arch`: a pair
+    (`-pair-loc2` when two localisers' maps are averaged) or an ensemble (one localiser)."""
     if localisers not in LOCALISER_COUNTS:
         raise ValueError(f"a pair has {LOCALISER_COUNTS[0]}-{LOCALISER_COUNTS[-1]} localisers, not {localisers}")
-    located = f"{LOCALISERS_SUFFIX}{localisers}" if localisers > 1 else ""
     if classifiers == 1:
-        return single_arch + PAIR_SUFFIX + located
+        return single_arch + PAIR_SUFFIX + (f"{LOCALISERS_SUFFIX}{localisers}" if localisers > 1 else "")
+    if localisers > 1:
+        raise ValueError("two localisers are averaged in a pair, not in an ensemble")
     if classifiers + 1 not in ENSEMBLE_SIZES:
         raise ValueError(f"an ensemble has {ENSEMBLE_SIZES[0]}-{ENSEMBLE_SIZES[-1]} networks, not {classifiers + 1}")
-    return f"{single_arch}{ENSEMBLE_SUFFIX}{classifiers + 1}{located}"
+    return f"{single_arch}{ENSEMBLE_SUFFIX}{classifiers + 1}"
 
 
 GRADED_SUFFIX = "-graded"

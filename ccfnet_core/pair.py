@@ -144,17 +144,17 @@ SECOND_LOCALISER_LIMITATION = (
 
 
 def _inner_pair(model: Network) -> PairedCCFNet:
-    """The pair or ensemble inside a pair, graded or refined model; ValueError for a single network."""
+    """The pair or ensemble inside a combined, graded or refined model; ValueError for a single network."""
     inner: object = model
     while isinstance(inner, RefinedCCFNet | GradedCCFNet):
         inner = inner.network
     if not isinstance(inner, PairedCCFNet):
-        raise ValueError("a second localiser is added to a pair or an ensemble, not to a single network")
+        raise ValueError("a second localiser is added to a pair, not to a single network")
     return inner
 
 
 def add_localiser(model: Path, localiser: Path, out: Path, int8: bool = False) -> ModelCard:
-    """Write `model` (a pair or ensemble, graded or refined or not) with `localiser` averaged into its points
+    """Write `model` (a pair, graded or refined or not) with `localiser` averaged into its points
     (`<arch>-loc2`): the mean of both localisers' 44 maps, everything else unchanged (`PairedCCFNet`). `int8`
     stores the weights at a byte each (`checkpoint.quantise_int8`), float16 otherwise."""
     network, card = load_model(model)
@@ -173,11 +173,10 @@ def add_localiser(model: Path, localiser: Path, out: Path, int8: bool = False) -
     if extra.spec != pair.spec:
         raise ValueError(f"a pair needs one architecture, not {pair.spec.name} + {extra.spec.name}")
     pair.extra_localisers.append(extra)
-    classifiers = 1 + len(pair.extra_classifiers)
-    single = combined_arch(extra_card.arch, classifiers)
+    single = combined_arch(extra_card.arch, 1)
     if not card.arch.startswith(single):
         raise ValueError(f"{model} ({card.arch}) is not made of {extra_card.arch} networks")
-    arch = combined_arch(extra_card.arch, classifiers, localisers=2) + card.arch[len(single) :]
+    arch = combined_arch(extra_card.arch, 1, localisers=2) + card.arch[len(single) :]
     recipe = dict(card.recipe)
     recipe["second_localiser"] = source_record(extra_card, localiser)
     located = combined_card(
