@@ -29,7 +29,8 @@ def test_a_valid_finding_keeps_its_values_and_describes_itself() -> None:
     finding = _finding(point_px=[120, 196])
     assert finding.point_px == (120.0, 196.0)
     assert finding.diagnosis == "protrusion"
-    assert finding.text == "L4-L5 protrusion 0.87"
+    assert finding.text == "L4-L5 disc: protrusion, 87 %"
+    assert finding.short_text == "L4-L5 protrusion 87 %"
 
 
 @pytest.mark.parametrize(
@@ -141,3 +142,8 @@ def test_a_bad_algorithm_identity_is_refused(
     base.update(changes)
     with pytest.raises(error, match=field):
         AlgorithmIdentity(**base)
+
+
+def test_a_normal_finding_states_the_probability_of_normal() -> None:
+    finding = _finding(label="v1", probability=0.12)
+    assert finding.text == "L4-L5 disc: normal, 88 %"

@@ -47,7 +47,7 @@ def test_eleven_labels_and_markers_at_the_points(gsps: Dataset, result: Analysis
     (annotation,) = gsps.GraphicAnnotationSequence
     texts = annotation.TextObjectSequence
     markers = annotation.GraphicObjectSequence
-    assert [text.UnformattedTextValue for text in texts] == [finding.text for finding in result.findings]
+    assert [text.UnformattedTextValue for text in texts] == [finding.short_text for finding in result.findings]
     assert len(markers) == 11
     for text, marker, finding in zip(texts, markers, result.findings, strict=True):
         np.testing.assert_allclose(text.AnchorPoint, finding.point_px, atol=1e-3)

@@ -96,9 +96,21 @@ class StructureFinding:
         return LABEL_NAMES[self.kind][self.label]
 
     @property
+    def percent(self) -> int:
+        """The probability of the stated finding in whole percent: P(abnormal) for an abnormal grade, else
+        P(normal) = 1 - P(abnormal), so the number always backs the word beside it."""
+        stated = self.probability if self.label != "v1" else 1.0 - self.probability
+        return int(round(100.0 * stated))
+
+    @property
     def text(self) -> str:
-        """The short label every writer shows, e.g. 'L4-L5 protrusion 0.87'."""
-        return f"{self.name} {self.diagnosis} {self.probability:.2f}"
+        """The label a person reads in a viewer, e.g. 'L4-L5 disc: protrusion, 87 %'."""
+        return f"{self.name} {self.kind}: {self.diagnosis}, {self.percent} %"
+
+    @property
+    def short_text(self) -> str:
+        """The label drawn on the image (presentation state, key image), e.g. 'L4-L5 protrusion 87 %'."""
+        return f"{self.name} {self.diagnosis} {self.percent} %"
 
 
 @dataclass(frozen=True)

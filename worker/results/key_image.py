@@ -84,14 +84,14 @@ def _draw_finding(
     draw.ellipse(box, outline=_OUTLINE, width=3)
     draw.ellipse(box, outline=color, width=2)
     draw.point((x, y), fill=color)
-    left, top, right, bottom = draw.textbbox((0, 0), finding.text, font=font, stroke_width=stroke)
+    left, top, right, bottom = draw.textbbox((0, 0), finding.short_text, font=font, stroke_width=stroke)
     text_x = x + 2.0 * radius
     if text_x + (right - left) > width:
         text_x = x - 2.0 * radius - (right - left)
     text_y = y - (bottom - top) / 2.0 - top
     draw.text(
         (max(text_x, 0.0), text_y),
-        finding.text,
+        finding.short_text,
         fill=color,
         font=font,
         stroke_width=stroke,

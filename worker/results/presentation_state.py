@@ -42,14 +42,14 @@ def _label(
 ) -> hd.pr.TextObject:
     """The text in a box beside the marker (right of it, left near the right edge), anchored to the point."""
     column, row = finding.point_px
-    width = min(len(finding.text) * text_height * 0.6, float(columns))
+    width = min(len(finding.short_text) * text_height * 0.6, float(columns))
     left = column + 2.0 * radius
     if left + width > columns:
         left = column - 2.0 * radius - width
     left = min(max(left, 0.0), columns - width)
     top = min(max(row - text_height / 2.0, 0.0), rows - text_height)
     return hd.pr.TextObject(
-        text_value=finding.text,
+        text_value=finding.short_text,
         units=hd.pr.AnnotationUnitsValues.PIXEL,
         bounding_box=(left, max(top, 0.0), left + width, min(max(top, 0.0) + text_height, float(rows))),
         anchor_point=(column, row),
