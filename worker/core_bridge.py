@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,33 @@ class NoEligibleInput(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class NotLumbarSpine(Exception):
+    """The anatomy gate declined the study: what the model would read is not a sagittal lumbar spine MR.
+
+    `rule` names the rule that declined (ccfnet_core.anatomy_gate.GateRule: modality, body_part, description,
+    plane, order, spacing, confidence), `reason` says why in words; `source` is the header of the slice that was
+    looked at (the declined SR's evidence), `model` the checkpoint that would have run (the SR names it).
+    """
+
+    def __init__(
+        self,
+        rule: str,
+        reason: str,
+        *,
+        series_uid: str,
+        source: Dataset,
+        model: ModelIdentity,
+        measurements: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.rule = rule
+        self.reason = reason
+        self.series_uid = series_uid
+        self.source = source
+        self.model = model
+        self.measurements = dict(measurements or {})
 
 
 class UnreadableInput(Exception):
@@ -128,6 +155,15 @@ class StructureResult:
 
 
 @dataclass(frozen=True)
+class GateOutcome:
+    """What the anatomy gate found: the rule that declined (None: passed), why, and what it measured."""
+
+    declined_by: str | None
+    reason: str
+    measurements: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class StudyAnalysis:
     series_uid: str
     centre_sop_instance_uid: str
@@ -139,6 +175,7 @@ class StudyAnalysis:
     seconds: float
     device: str  # where the model ran: cpu, or cuda:N (GPU name)
     skipped_files: tuple[str, ...] = ()  # unreadable files of the study that the choice did without
+    gate: GateOutcome | None = None
 
 
 _models: dict[tuple[str, str], object] = {}
@@ -224,19 +261,32 @@ def _read_headers(paths: Sequence[Path]) -> tuple[dict[str, list[Dataset]], list
 
 
 def analyse_files(
-    paths: Sequence[Path], model_path: Path, device: str = "auto", with_heatmaps: bool = False
+    paths: Sequence[Path],
+    model_path: Path,
+    device: str = "auto",
+    with_heatmaps: bool = False,
+    *,
+    anatomy_gate: bool = True,
 ) -> StudyAnalysis:
     """Choose the series and slice from the files' headers, run CCF-Net with flip TTA, return the findings.
 
     A file that cannot be read is left out of the choice (a broken localizer must not sink the study); the
-    job fails only when nothing is readable or a chosen slice is not. Raises NoEligibleInput, UnreadableInput,
-    ModelUnavailable or ModelOutOfMemory.
+    job fails only when nothing is readable or a chosen slice is not. The anatomy gate (ccfnet_core.anatomy_gate)
+    reads the chosen series' headers before the model runs and the model's points after it; `anatomy_gate=False`
+    only measures (the bench's view). Raises NoEligibleInput, NotLumbarSpine, UnreadableInput, ModelUnavailable
+    or ModelOutOfMemory.
     """
     import torch
 
+    from ccfnet_core.anatomy_gate import HeaderEvidence, PointEvidence, check_headers, check_points, foot_direction
     from ccfnet_core.datasets import mean_intensity_from_files
     from ccfnet_core.inference import Predictor
-    from ccfnet_core.series_selection import NoEligibleSeries, choose_slice, load_input_slices
+    from ccfnet_core.series_selection import (
+        NoEligibleSeries,
+        choose_slice,
+        image_orientation,
+        load_input_slices,
+    )
     from ccfnet_core.structures import STRUCTURES, label_name, predicted_label, structure_type
 
     if not paths:
@@ -254,15 +304,23 @@ def analyse_files(
     except _READ_ERRORS as exc:
         raise UnreadableInput(f"reading pixels to rank the series: {exc}") from exc
     by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in series[choice.series_uid]}
+    identity = load_model(model_path, device)
+    plane = next(s.plane for s in choice.summaries if s.series_uid == choice.series_uid)
+    header_verdict = check_headers(HeaderEvidence.from_datasets(series[choice.series_uid], plane))
+    if anatomy_gate and not header_verdict.passed:
+        assert header_verdict.rule is not None
+        raise NotLumbarSpine(
+            header_verdict.rule.value, header_verdict.reason, series_uid=choice.series_uid,
+            source=by_uid[choice.centre_sop_instance_uid], model=identity,
+        )
     full: dict[str, Dataset] = {}
     try:
         for uid in dict.fromkeys(choice.sop_instance_uids):
             full[uid] = pydicom.dcmread(by_uid[uid].filename)
-        image, _ = load_input_slices([full[uid] for uid in choice.sop_instance_uids], choice.frame_numbers)
+        image, spacing = load_input_slices([full[uid] for uid in choice.sop_instance_uids], choice.frame_numbers)
     except _READ_ERRORS as exc:
         raise UnreadableInput(f"a chosen slice of series {choice.series_uid}: {exc}") from exc
 
-    identity = load_model(model_path, device)
     predictor = _predictor(model_path, device)
     assert isinstance(predictor, Predictor)
     started = time.perf_counter()
@@ -272,6 +330,15 @@ def analyse_files(
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelOutOfMemory(str(exc)) from exc
     seconds = time.perf_counter() - started
+    centre = full[choice.centre_sop_instance_uid]
+    foot = foot_direction(image_orientation(centre, choice.frame_numbers[1])) or (0.0, 1.0)
+    point_verdict = check_points(PointEvidence(prediction.points, prediction.confidences, spacing, foot))
+    if anatomy_gate and not point_verdict.passed:
+        assert point_verdict.rule is not None
+        raise NotLumbarSpine(
+            point_verdict.rule.value, point_verdict.reason, series_uid=choice.series_uid,
+            source=by_uid[choice.centre_sop_instance_uid], model=identity, measurements=point_verdict.measurements,
+        )
     height, width = image.shape[-2:]
     structures = []
     for k, name in enumerate(STRUCTURES):
@@ -293,7 +360,7 @@ def analyse_files(
     return StudyAnalysis(
         series_uid=choice.series_uid,
         centre_sop_instance_uid=choice.centre_sop_instance_uid,
-        source=full[choice.centre_sop_instance_uid],
+        source=centre,
         selection_reason=choice.reason,
         structures=tuple(structures),
         heatmaps=heatmaps,
@@ -301,7 +368,21 @@ def analyse_files(
         seconds=seconds,
         device=_device_label(predictor.device),
         skipped_files=tuple(skipped),
+        gate=_gate_outcome(header_verdict, point_verdict),
     )
+
+
+def _gate_outcome(*verdicts: object) -> GateOutcome:
+    """The first declining verdict (only reached with the gate off), else the passes together."""
+    from ccfnet_core.anatomy_gate import Verdict
+
+    checked = [v for v in verdicts if isinstance(v, Verdict)]
+    measurements = {k: round(v, 3) for verdict in checked for k, v in verdict.measurements.items()}
+    declined = next((v for v in checked if v.rule is not None), None)
+    if declined is not None:
+        assert declined.rule is not None
+        return GateOutcome(declined.rule.value, declined.reason, measurements)
+    return GateOutcome(None, "; ".join(v.reason for v in checked), measurements)
 
 
 def phantom_study(seed: int, index: int = 0) -> list[object]:

@@ -168,6 +168,7 @@ class Settings(BaseSettings):
     model_device: Literal["auto", "cpu", "cuda"] = "auto"
     sr_tracking: Literal["standard", "ohif"] = "standard"
     include_segmentation: bool = False
+    declined_sr: bool = True  # a study the anatomy gate declines gets a short "not analysed: <reason>" SR
     destinations: list[Destination] = Field(default_factory=list)
     export_max_attempts: int = Field(default=8, ge=1)
     export_backoff_seconds: float = Field(default=30.0, gt=0)  # first retry; doubles per attempt, jittered
