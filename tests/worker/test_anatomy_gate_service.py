@@ -85,7 +85,7 @@ def test_a_shoulder_mr_is_not_analysed_and_says_so_in_an_sr_on_postgres(
         with svc.sessions() as session:
             findings = list(repo.findings_for_job(session, job.id))
             objects = list(repo.result_objects_for_job(session, job.id))
-            finished = [e.detail for e in repo.job_events(session, job.id) if e.kind == "finished"]
+            finished = [e.detail or {} for e in repo.job_events(session, job.id) if e.kind == "finished"]
         with httpx.Client(base_url=f"http://127.0.0.1:{svc.http_port}", timeout=30) as client:
             page = client.get("/?state=not_analysed", headers={"Authorization": f"Bearer {TOKEN}"}).text
             metrics = client.get("/metrics").text
@@ -135,7 +135,7 @@ def test_without_a_study_description_the_image_evidence_declines_it(tmp_path: Pa
         with svc.sessions() as session:
             findings = list(repo.findings_for_job(session, job.id))
             objects = list(repo.result_objects_for_job(session, job.id))
-            (finished,) = [e.detail for e in repo.job_events(session, job.id) if e.kind == "finished"]
+            (finished,) = [e.detail or {} for e in repo.job_events(session, job.id) if e.kind == "finished"]
     assert job.state == "not_analysed", job.error
     assert finished["rule"] in ("order", "spacing", "confidence"), finished
     assert set(finished["measurements"]) >= {"order_tau", "median_step_mm", "median_confidence"}
