@@ -155,15 +155,6 @@ class StructureResult:
 
 
 @dataclass(frozen=True)
-class GateOutcome:
-    """What the anatomy gate found: the rule that declined (None: passed), why, and what it measured."""
-
-    declined_by: str | None
-    reason: str
-    measurements: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class StudyAnalysis:
     series_uid: str
     centre_sop_instance_uid: str
@@ -175,7 +166,7 @@ class StudyAnalysis:
     seconds: float
     device: str  # where the model ran: cpu, or cuda:N (GPU name)
     skipped_files: tuple[str, ...] = ()  # unreadable files of the study that the choice did without
-    gate: GateOutcome | None = None
+    gate: dict[str, float] = field(default_factory=dict)  # what the anatomy gate measured on the model's points
 
 
 _models: dict[tuple[str, str], object] = {}
@@ -261,20 +252,14 @@ def _read_headers(paths: Sequence[Path]) -> tuple[dict[str, list[Dataset]], list
 
 
 def analyse_files(
-    paths: Sequence[Path],
-    model_path: Path,
-    device: str = "auto",
-    with_heatmaps: bool = False,
-    *,
-    anatomy_gate: bool = True,
+    paths: Sequence[Path], model_path: Path, device: str = "auto", with_heatmaps: bool = False
 ) -> StudyAnalysis:
     """Choose the series and slice from the files' headers, run CCF-Net with flip TTA, return the findings.
 
     A file that cannot be read is left out of the choice (a broken localizer must not sink the study); the
     job fails only when nothing is readable or a chosen slice is not. The anatomy gate (ccfnet_core.anatomy_gate)
-    reads the chosen series' headers before the model runs and the model's points after it; `anatomy_gate=False`
-    only measures (the bench's view). Raises NoEligibleInput, NotLumbarSpine, UnreadableInput, ModelUnavailable
-    or ModelOutOfMemory.
+    reads the chosen series' headers before the model runs and the model's points after it. Raises
+    NoEligibleInput, NotLumbarSpine, UnreadableInput, ModelUnavailable or ModelOutOfMemory.
     """
     import torch
 
@@ -304,14 +289,13 @@ def analyse_files(
     except _READ_ERRORS as exc:
         raise UnreadableInput(f"reading pixels to rank the series: {exc}") from exc
     by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in series[choice.series_uid]}
-    identity = load_model(model_path, device)
+    looked_at = by_uid[choice.centre_sop_instance_uid]
     plane = next(s.plane for s in choice.summaries if s.series_uid == choice.series_uid)
-    header_verdict = check_headers(HeaderEvidence.from_datasets(series[choice.series_uid], plane))
-    if anatomy_gate and not header_verdict.passed:
-        assert header_verdict.rule is not None
+    verdict = check_headers(HeaderEvidence.from_datasets(series[choice.series_uid], plane))
+    if verdict.rule is not None:
         raise NotLumbarSpine(
-            header_verdict.rule.value, header_verdict.reason, series_uid=choice.series_uid,
-            source=by_uid[choice.centre_sop_instance_uid], model=identity,
+            verdict.rule.value, verdict.reason, series_uid=choice.series_uid, source=looked_at,
+            model=load_model(model_path, device),
         )
     full: dict[str, Dataset] = {}
     try:
@@ -321,6 +305,7 @@ def analyse_files(
     except _READ_ERRORS as exc:
         raise UnreadableInput(f"a chosen slice of series {choice.series_uid}: {exc}") from exc
 
+    identity = load_model(model_path, device)
     predictor = _predictor(model_path, device)
     assert isinstance(predictor, Predictor)
     started = time.perf_counter()
@@ -332,12 +317,11 @@ def analyse_files(
     seconds = time.perf_counter() - started
     centre = full[choice.centre_sop_instance_uid]
     foot = foot_direction(image_orientation(centre, choice.frame_numbers[1])) or (0.0, 1.0)
-    point_verdict = check_points(PointEvidence(prediction.points, prediction.confidences, spacing, foot))
-    if anatomy_gate and not point_verdict.passed:
-        assert point_verdict.rule is not None
+    verdict = check_points(PointEvidence(prediction.points, prediction.confidences, spacing, foot))
+    if verdict.rule is not None:
         raise NotLumbarSpine(
-            point_verdict.rule.value, point_verdict.reason, series_uid=choice.series_uid,
-            source=by_uid[choice.centre_sop_instance_uid], model=identity, measurements=point_verdict.measurements,
+            verdict.rule.value, verdict.reason, series_uid=choice.series_uid, source=looked_at, model=identity,
+            measurements=verdict.measurements,
         )
     height, width = image.shape[-2:]
     structures = []
@@ -368,21 +352,8 @@ def analyse_files(
         seconds=seconds,
         device=_device_label(predictor.device),
         skipped_files=tuple(skipped),
-        gate=_gate_outcome(header_verdict, point_verdict),
+        gate={key: round(value, 3) for key, value in verdict.measurements.items()},
     )
-
-
-def _gate_outcome(*verdicts: object) -> GateOutcome:
-    """The first declining verdict (only reached with the gate off), else the passes together."""
-    from ccfnet_core.anatomy_gate import Verdict
-
-    checked = [v for v in verdicts if isinstance(v, Verdict)]
-    measurements = {k: round(v, 3) for verdict in checked for k, v in verdict.measurements.items()}
-    declined = next((v for v in checked if v.rule is not None), None)
-    if declined is not None:
-        assert declined.rule is not None
-        return GateOutcome(declined.rule.value, declined.reason, measurements)
-    return GateOutcome(None, "; ".join(v.reason for v in checked), measurements)
 
 
 def phantom_study(seed: int, index: int = 0) -> list[object]:

@@ -240,8 +240,8 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     }
     if analysis.skipped_files:
         detail["unreadable_files"] = list(analysis.skipped_files[:20])
-    if analysis.gate is not None:
-        detail["anatomy_gate"] = analysis.gate.measurements
+    if analysis.gate:
+        detail["anatomy_gate"] = analysis.gate
     with ctx.sessions.begin() as session:
         newer = repo.superseding_job_locked(session, ctx.job_id)
         repo.replace_findings(session, ctx.job_id, _finding_rows(analysis))
