@@ -140,3 +140,24 @@ def test_without_a_study_description_the_image_evidence_declines_it(tmp_path: Pa
     assert finished["rule"] in ("order", "spacing", "confidence"), finished
     assert set(finished["measurements"]) >= {"order_tau", "median_step_mm", "median_confidence"}
     assert (findings, objects, finished["objects"]) == ([], [], 0)
+
+
+def test_the_not_analysed_sr_is_handed_to_export_and_a_retry_does_not_redo_it(tmp_path: Path, pg_url: str) -> None:
+    """The processor on the job the intake made: the declined SR becomes an export to each destination, and an
+    attempt after the commit ends not_analysed again, with the same reason and nothing new written."""
+    from test_inference_processor import job_for
+
+    from worker import inference
+    from worker.db.models import JobState
+
+    with job_for(tmp_path, pg_url, shoulder_mr()) as (_, ctx):
+        outcome = inference.process_job(ctx)
+        again = inference.process_job(ctx)
+        with ctx.sessions() as session:
+            objects = list(repo.result_objects_for_job(session, ctx.job_id))
+            exports = list(repo.exports_for_job(session, ctx.job_id))
+    assert outcome.state is JobState.NOT_ANALYSED and outcome.error is not None and "shoulder" in outcome.error
+    assert again.state is JobState.NOT_ANALYSED and again.error == outcome.error
+    assert again.detail is not None and again.detail["from_earlier_attempt"] is True
+    assert [o.kind for o in objects] == ["declined"]
+    assert [(e.result_object_id, e.destination) for e in exports] == [(objects[0].id, "pacs")]
