@@ -154,6 +154,8 @@ def test_kendall_tau() -> None:
     assert kendall_tau(np.array([1.0, 0.0, 2.0])) == pytest.approx(1 / 3)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # 160 slices through the full default model on a CPU
 @pytest.mark.skipif(not TIANCHI.is_dir(), reason=f"research slices not present at {TIANCHI}")
 def test_every_real_lumbar_slice_passes_with_the_shipped_model() -> None:
     """The 160 tianchi slices, with the default model: none refused (the gate's thresholds were read off them)."""

@@ -11,7 +11,7 @@ from results_fixtures import DCIODVFY, dciodvfy_errors, dciodvfy_report, make_al
 
 from worker.results.declined_sr import DECLINED_SR_SERIES, DeclinedStudy, build_declined_sr
 
-REASON = "the 11 points do not run head to foot in the spine's order (order score 0.27, needs at least 0.75)"
+REASON = "the 11 points do not run head to foot in the spine's order (order score 0.27, needs at least 0.7)"
 
 
 def _header() -> pydicom.Dataset:
