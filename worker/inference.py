@@ -142,7 +142,8 @@ def _analyse(ctx: JobContext, paths: list[Path], checkpoint: Path) -> StudyAnaly
     settings = ctx.settings
     try:
         return core_bridge.analyse_files(
-            paths, checkpoint, settings.model_device, with_heatmaps=settings.include_segmentation
+            paths, checkpoint, settings.model_device,
+            with_heatmaps=settings.include_segmentation and settings.segmentation_type == "fractional",
         )
     except NoEligibleInput as exc:
         log.info("job %d: no eligible series: %s", ctx.job_id, exc.reason)
@@ -204,7 +205,8 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
             algorithm=_algorithm(analysis, settings, forced=forced is not None), heatmaps=analysis.heatmaps,
         )
         datasets = build_results(
-            result, sr_tracking=settings.sr_tracking, include_segmentation=settings.include_segmentation
+            result, sr_tracking=settings.sr_tracking, include_segmentation=settings.include_segmentation,
+            segmentation_kind=settings.segmentation_type,
         )
     except (ValueError, TypeError) as exc:
         return JobOutcome(JobState.FAILED, error=f"cannot build result objects: {exc}"[:2000])

@@ -168,6 +168,8 @@ class Settings(BaseSettings):
     model_device: Literal["auto", "cpu", "cuda"] = "auto"
     sr_tracking: Literal["standard", "ohif"] = "standard"
     include_segmentation: bool = False
+    # BINARY: one region per structure, what viewers load; FRACTIONAL: the heatmaps, for research viewers.
+    segmentation_type: Literal["binary", "fractional"] = "binary"
     destinations: list[Destination] = Field(default_factory=list)
     export_max_attempts: int = Field(default=8, ge=1)
     export_backoff_seconds: float = Field(default=30.0, gt=0)  # first retry; doubles per attempt, jittered

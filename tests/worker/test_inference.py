@@ -116,7 +116,7 @@ def test_a_one_slice_sagittal_study_is_analysed_with_its_edges_repeated(tmp_path
     assert job.state == "succeeded", job.error
     assert sorted(objects) == ["gsps", "sc", "seg", "sr"]  # the optional segmentation, when set
     seg = pydicom.dcmread(svc.settings.data_dir / "results" / objects["seg"].path)
-    assert seg.SegmentationType == "FRACTIONAL" and len(seg.SegmentSequence) == 11
+    assert seg.SegmentationType == "BINARY" and len(seg.SegmentSequence) == 11  # binary by default
     sr = pydicom.dcmread(svc.settings.data_dir / "results" / objects["sr"].path)
     assert b"Cornerstone3DTools@^0.1.0:Probe" in sr.to_json().encode()
 
