@@ -100,7 +100,7 @@ class StructureFinding:
         """The probability of the stated finding in whole percent: P(abnormal) for an abnormal grade, else
         P(normal) = 1 - P(abnormal), so the number always backs the word beside it."""
         stated = self.probability if self.label != "v1" else 1.0 - self.probability
-        return int(round(100.0 * stated))
+        return round(100.0 * stated)
 
     @property
     def text(self) -> str:
