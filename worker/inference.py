@@ -28,6 +28,7 @@ from worker.core_bridge import (
 from worker.db import repository as repo
 from worker.db.models import Finding, JobState, ResultObject
 from worker.ops import metrics
+from worker.provenance import MANUFACTURER, RESULT_KINDS
 from worker.queue.processing import JobContext, JobOutcome, JobProcessor, RetryableJobError
 from worker.results import build_results
 from worker.results.findings import AlgorithmIdentity, AnalysisResult, StructureFinding
@@ -36,13 +37,6 @@ from worker.spool import Spool, SpoolError, SpoolPaths, validate_uid
 
 log = logging.getLogger("worker.inference")
 
-RESULT_KINDS = {
-    "1.2.840.10008.5.1.4.1.1.88.34": "sr",  # Comprehensive 3D SR
-    "1.2.840.10008.5.1.4.1.1.11.1": "gsps",
-    "1.2.840.10008.5.1.4.1.1.7": "sc",
-    "1.2.840.10008.5.1.4.1.1.66.4": "seg",
-}
-MANUFACTURER = "ccfnet-worker"
 
 
 def model_path(settings: Settings) -> Path:
