@@ -164,7 +164,6 @@ class Settings(BaseSettings):
 
     # Model and results
     model_path: OptionalPath = None
-    model_version: str = "ccfnet-r18-msc-loc2-refined-1"
     model_device: Literal["auto", "cpu", "cuda"] = "auto"
     sr_tracking: Literal["standard", "ohif"] = "standard"
     include_segmentation: bool = False

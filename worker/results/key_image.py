@@ -163,7 +163,7 @@ def build_key_image(
     sc.Modality = source.get("Modality") or "OT"
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = _common.description(algorithm)
+    sc.ImageComments = _common.identity_text(algorithm)
     sc.DerivationDescription = _common.description(algorithm)
     sc.SourceImageSequence = DicomSequence([_source_image_reference(source)])
     _common.copy_body_part(sc, source)

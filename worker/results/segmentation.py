@@ -123,6 +123,7 @@ def build_segmentation(
         family=codes.ARTIFICIAL_INTELLIGENCE,
         version=algorithm.model_version,
         source=algorithm.manufacturer,
+        parameters={"weights sha256": algorithm.weights_sha256} if algorithm.weights_sha256 else None,
     )
     descriptions = [
         hd.seg.SegmentDescription(
