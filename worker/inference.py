@@ -28,6 +28,7 @@ from worker.core_bridge import (
 from worker.db import repository as repo
 from worker.db.models import Finding, JobState, ResultObject
 from worker.ops import metrics
+from worker.provenance import MANUFACTURER, RESULT_KINDS
 from worker.queue.processing import JobContext, JobOutcome, JobProcessor, RetryableJobError
 from worker.results import build_results
 from worker.results.findings import AlgorithmIdentity, AnalysisResult, StructureFinding
@@ -36,17 +37,22 @@ from worker.spool import Spool, SpoolError, SpoolPaths, validate_uid
 
 log = logging.getLogger("worker.inference")
 
-RESULT_KINDS = {
-    "1.2.840.10008.5.1.4.1.1.88.34": "sr",  # Comprehensive 3D SR
-    "1.2.840.10008.5.1.4.1.1.11.1": "gsps",
-    "1.2.840.10008.5.1.4.1.1.7": "sc",
-    "1.2.840.10008.5.1.4.1.1.66.4": "seg",
-}
-MANUFACTURER = "ccfnet-worker"
 
 
 def model_path(settings: Settings) -> Path:
     return settings.model_path if settings.model_path is not None else core_bridge.default_model_path()
+
+
+def configured_model_version(settings: Settings) -> str:
+    """The configured checkpoint's name in job keys and results (card version @ weights sha256 prefix), read from
+    the file itself: no setting can disagree with it. An unreadable checkpoint still gets a label, so studies
+    become jobs that fail visibly ("model unavailable") instead of waiting unseen."""
+    path = model_path(settings)
+    try:
+        return core_bridge.checkpoint_version(path)
+    except (OSError, ValueError) as exc:
+        log.error("model checkpoint %s cannot be read: %s", path, exc)
+        return f"unreadable:{path.name}"[:64]
 
 
 def results_root(settings: Settings) -> Path:
@@ -71,15 +77,16 @@ def patient_coordinates(source: pydicom.Dataset, column: float, row: float) -> t
     )
 
 
-def _algorithm(analysis: StudyAnalysis, settings: Settings, *, forced: bool) -> AlgorithmIdentity:
-    """The algorithm the results name: the checkpoint that ran. CCFNET_MODEL_VERSION names the configured
-    checkpoint; one forced by `ccfnet reprocess --model` is named by its own card (version and weights digest)."""
+def _algorithm(analysis: StudyAnalysis) -> AlgorithmIdentity:
+    """The algorithm the results name: the checkpoint that ran, by its own card (name, version with the weights'
+    sha256 prefix, the full sha256, device UID), whichever path chose it."""
     return AlgorithmIdentity(
         manufacturer=MANUFACTURER,
         model_name=analysis.model.name,
         software_version=analysis.model.software_version,
-        model_version=analysis.model.checkpoint_version if forced else settings.model_version,
+        model_version=analysis.model.checkpoint_version,
         device_uid=analysis.model.device_uid,
+        weights_sha256=analysis.model.weights_sha256,
         phantom_only=analysis.model.phantom_only,
     )
 
@@ -142,7 +149,8 @@ def _analyse(ctx: JobContext, paths: list[Path], checkpoint: Path) -> StudyAnaly
     settings = ctx.settings
     try:
         return core_bridge.analyse_files(
-            paths, checkpoint, settings.model_device, with_heatmaps=settings.include_segmentation
+            paths, checkpoint, settings.model_device,
+            with_heatmaps=settings.include_segmentation and settings.segmentation_type == "fractional",
         )
     except NoEligibleInput as exc:
         log.info("job %d: no eligible series: %s", ctx.job_id, exc.reason)
@@ -201,10 +209,11 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     try:
         result = AnalysisResult(
             source_dataset=analysis.source, findings=tuple(findings),
-            algorithm=_algorithm(analysis, settings, forced=forced is not None), heatmaps=analysis.heatmaps,
+            algorithm=_algorithm(analysis), heatmaps=analysis.heatmaps,
         )
         datasets = build_results(
-            result, sr_tracking=settings.sr_tracking, include_segmentation=settings.include_segmentation
+            result, sr_tracking=settings.sr_tracking, include_segmentation=settings.include_segmentation,
+            segmentation_kind=settings.segmentation_type,
         )
     except (ValueError, TypeError) as exc:
         return JobOutcome(JobState.FAILED, error=f"cannot build result objects: {exc}"[:2000])

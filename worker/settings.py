@@ -164,10 +164,11 @@ class Settings(BaseSettings):
 
     # Model and results
     model_path: OptionalPath = None
-    model_version: str = "ccfnet-r18-msc-loc2-refined-1"
     model_device: Literal["auto", "cpu", "cuda"] = "auto"
     sr_tracking: Literal["standard", "ohif"] = "standard"
     include_segmentation: bool = False
+    # BINARY: one region per structure, what viewers load; FRACTIONAL: the heatmaps, for research viewers.
+    segmentation_type: Literal["binary", "fractional"] = "binary"
     destinations: list[Destination] = Field(default_factory=list)
     export_max_attempts: int = Field(default=8, ge=1)
     export_backoff_seconds: float = Field(default=30.0, gt=0)  # first retry; doubles per attempt, jittered

@@ -203,15 +203,23 @@ def test_disallowed_calling_ae_and_wrong_called_ae_are_rejected(service: Service
     assert echo.returncode != 0
     assert "Calling AE Title Not Recognized" in echo.stderr + echo.stdout
     assert service.sessions is not None
-    with service.sessions() as session:
-        rejected = session.execute(
-            select(Association.calling_ae, Association.reject_reason).where(Association.state == "rejected")
-        ).all()
-    assert sorted(rejected) == [
+    sessions = service.sessions
+
+    def rejected() -> list[tuple[str, str]]:
+        # The reject goes out before its row is committed: poll for the rows rather than read once.
+        with sessions() as session:
+            rows = session.execute(
+                select(Association.calling_ae, Association.reject_reason).where(Association.state == "rejected")
+            ).all()
+        return sorted((str(ae), str(reason)) for ae, reason in rows)
+
+    expected = [
         ("INTRUDER", "calling_ae_not_recognised"),
         ("INTRUDER", "calling_ae_not_recognised"),
         ("MODALITY", "called_ae_not_recognised"),
     ]
+    wait_for(lambda: rejected() == expected, timeout=10)
+    assert rejected() == expected
 
 
 def test_peer_address_allow_list(tmp_path: Path, pg_url: str) -> None:

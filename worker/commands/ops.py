@@ -173,6 +173,7 @@ def reprocess(
     from tqdm import tqdm
 
     from worker.db import repository as repo
+    from worker.inference import configured_model_version
     from worker.ops.reprocess import ForcedModel, plan
     from worker.ops.reprocess import reprocess as run_reprocess
     from worker.queue.celery_app import make_celery
@@ -213,7 +214,7 @@ def reprocess(
         else:
             app = make_celery(settings)
             with tqdm(total=len(studies), desc="reprocess", file=sys.stderr) as bar:
-                planned = run_reprocess(sessions, app, studies, model_version=settings.model_version,
+                planned = run_reprocess(sessions, app, studies, model_version=configured_model_version(settings),
                                         now=utcnow(), progress=bar.update, source=source, model=forced)
             app.close()
     rows = [{"study": p.study_instance_uid, "instances": p.instances, "job": p.job_id} for p in planned]

@@ -485,6 +485,11 @@ def add_result_object(session: Session, result: ResultObject) -> None:
     session.add(result)
 
 
+def job_of_result_object(session: Session, sop_instance_uid: str) -> int | None:
+    """The job that wrote the result object with this SOP Instance UID, if we wrote one."""
+    return session.scalar(select(ResultObject.job_id).where(ResultObject.sop_instance_uid == sop_instance_uid))
+
+
 def findings_for_job(session: Session, job_id: int) -> Sequence[Finding]:
     return session.scalars(select(Finding).where(Finding.job_id == job_id).order_by(Finding.id)).all()
 

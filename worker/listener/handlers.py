@@ -25,6 +25,7 @@ from worker.db import repository as repo
 from worker.db.models import AssociationState
 from worker.listener.status import EchoStatus, RejectReason, StoreStatus
 from worker.ops import metrics
+from worker.provenance import RESULT_KINDS, own_output
 from worker.settings import IpNetwork
 from worker.spool import InvalidUIDError, LowDiskError, Spool, validate_uid
 from worker.timeutil import Clock, utcnow
@@ -300,6 +301,9 @@ def persist_instance(
         log.warning("instance refused: %s", exc)
         return StoreStatus.INVALID_UID
 
+    if _acknowledge_own_output(ctx, dataset, study_uid, sop_uid, sop_class, sender):
+        return StoreStatus.SUCCESS
+
     if sop_class in _PIXEL_DATA_REQUIRED and "PixelData" not in dataset:
         log.warning("instance %s refused: an image without Pixel Data (truncated?)", sop_uid)
         return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
@@ -339,3 +343,45 @@ def persist_instance(
     log.debug("stored instance %s of study %s", sop_uid, study_uid)
     metrics.instance_received()  # metrics hook
     return StoreStatus.SUCCESS
+
+
+def _acknowledge_own_output(
+    ctx: IntakeContext, dataset: Dataset, study_uid: str, sop_uid: str, sop_class: str, sender: Sender
+) -> bool:
+    """True when `dataset` is one of our own result objects sent back (a PACS routing rule, a pull).
+
+    It is acknowledged, so the sender does not retry it forever, but neither spooled nor recorded as an
+    instance: it never reopens its study, so it never makes a job. Ours by its equipment signature, or by its
+    SOP Instance UID when this database recorded it as a result object (whose job then gets a
+    `result_returned` event). Another vendor's object of the same class is an ordinary instance.
+    """
+    signature = own_output(dataset)
+    if signature is None and sop_class not in RESULT_KINDS:
+        return False
+    job_id: int | None = None
+    try:
+        with ctx.sessions.begin() as session:
+            job_id = repo.job_of_result_object(session, sop_uid)
+            if job_id is not None:
+                repo.add_job_event(session, job_id, "result_returned", now=ctx.clock(), detail={
+                    "sop_instance_uid": sop_uid,
+                    "sop_class_uid": sop_class,
+                    "calling_ae": sender.calling_ae,
+                    "peer_address": sender.peer_address,
+                    "recognised_by": "equipment" if signature is not None else "sop_instance_uid",
+                })
+    except SQLAlchemyError:
+        log.exception("own result object check of %s: database unavailable", sop_uid)
+    if signature is None and job_id is None:
+        return False
+    log.info(
+        "own result object %s (study %s, job %s, device %s) from %r at %s: acknowledged, not analysed",
+        sop_uid,
+        study_uid,
+        job_id if job_id is not None else "unknown here",
+        signature.device_uid if signature is not None else "unnamed",
+        sender.calling_ae,
+        sender.peer_address,
+    )
+    metrics.own_result_returned()  # metrics hook
+    return True

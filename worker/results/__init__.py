@@ -19,17 +19,19 @@ from worker.results.findings import (
 )
 from worker.results.key_image import build_key_image
 from worker.results.presentation_state import build_presentation_state
-from worker.results.segmentation import build_segmentation
+from worker.results.segmentation import SEGMENTATION_KINDS, SegmentationKind, build_segmentation
 from worker.results.sr import OHIF_PROBE_TRACKING_IDENTIFIER, SR_TRACKING_MODES, SrTracking, build_sr
 
 __all__ = [
     "DISCS",
     "OHIF_PROBE_TRACKING_IDENTIFIER",
+    "SEGMENTATION_KINDS",
     "SR_TRACKING_MODES",
     "STRUCTURES",
     "VERTEBRAE",
     "AlgorithmIdentity",
     "AnalysisResult",
+    "SegmentationKind",
     "SrTracking",
     "StructureFinding",
     "build_key_image",
@@ -41,9 +43,13 @@ __all__ = [
 
 
 def build_results(
-    result: AnalysisResult, *, sr_tracking: str = "standard", include_segmentation: bool = False
+    result: AnalysisResult,
+    *,
+    sr_tracking: str = "standard",
+    include_segmentation: bool = False,
+    segmentation_kind: SegmentationKind = "binary",
 ) -> list[Dataset]:
-    """SR, GSPS and key image (and the probability SEG when asked), in that order.
+    """SR, GSPS and key image (and the SEG when asked: BINARY regions, or FRACTIONAL heatmaps), in that order.
 
     `sr_tracking` "ohif" writes the SR with the tracking identifiers OHIF re-opens as editable points.
     """
@@ -55,8 +61,12 @@ def build_results(
         )
     if not isinstance(include_segmentation, bool):
         raise TypeError('Argument "include_segmentation" must be a bool.')
-    if include_segmentation and result.heatmaps is None:
-        raise ValueError('Argument "include_segmentation" is True but the result has no heatmaps.')
+    if segmentation_kind not in SEGMENTATION_KINDS:
+        raise ValueError(
+            f'Argument "segmentation_kind" must be one of {", ".join(SEGMENTATION_KINDS)}, got {segmentation_kind!r}.'
+        )
+    if include_segmentation and segmentation_kind == "fractional" and result.heatmaps is None:
+        raise ValueError('A fractional segmentation is asked for but the result has no heatmaps.')
     tracking: SrTracking = "ohif" if sr_tracking == "ohif" else "standard"
     objects: list[Dataset] = [
         build_sr(result, tracking=tracking),
@@ -64,5 +74,5 @@ def build_results(
         build_key_image(result),
     ]
     if include_segmentation:
-        objects.append(build_segmentation(result))
+        objects.append(build_segmentation(result, kind=segmentation_kind))
     return objects

@@ -13,12 +13,19 @@ Disc codes follow SNOMED CT's anatomical convention of naming an intervertebral 
 above it: "intervertebral disc structure of fourth lumbar vertebra" is the L4-L5 disc, "... of twelfth
 thoracic vertebra" is T12-L1 and "... of fifth lumbar vertebra" is L5-S1.
 
+Standard codes are used wherever the concept exists and its code could be checked: anatomy and "Normal" /
+"Abnormal" against DICOM PS3.16 (pydicom's concept dictionary); "Herniation of intervertebral disc" (SCT
+73589001), "Degeneration of intervertebral disc" (SCT 77547008) and the procedure (SCT 433141005) against
+two independent published SNOMED CT value sets each (this machine has no SNOMED CT browser).
+
 The private scheme 99CCFNET (coding scheme designator "99CCFNET", a "99"-prefixed local designator as PS3.3
-8.2 allows) holds the concepts for which no SNOMED CT / DCM code could be verified when this module was
-written: the four abnormal challenge diagnoses, the localisation confidence and "probability of abnormality"
-(DCM 122157 "Probability" exists but does not say *of what*, and a reader of "Normal, probability 0.12" would
-take it as P(normal)). Every object that uses it carries a Coding Scheme Identification Sequence item
-(`PRIVATE_SCHEME`). Code values are stable: never reuse one for another meaning; add new ones at the end.
+8.2 allows) holds the concepts that are more specific than any standard code that could be verified: disc
+bulge (under disc degeneration), protrusion and extrusion (each a kind of herniation), Schmorl's node,
+vertebral degeneration; the localisation confidence and "probability of abnormality" (DCM 122157
+"Probability" exists but does not say *of what*). `STANDARD_PARENTS` names the standard concept each private
+finding belongs under (docs/conformance.md shows the table). Every object that uses the scheme carries a Coding
+Scheme Identification Sequence item (`PRIVATE_SCHEME`). Code values are stable: never reuse one for another
+meaning; add new ones at the end.
 """
 
 from __future__ import annotations
@@ -86,8 +93,11 @@ STRUCTURE_SITES: Final[dict[str, Code]] = {
     "L5-S1": L5_S1_DISC,
 }
 
-# Diagnoses (the challenge labels).
+# Diagnoses (the challenge labels, and the grades the model reports).
 NORMAL: Final = Code("17621005", "SCT", "Normal")
+ABNORMAL: Final = Code("263654008", "SCT", "Abnormal")
+DISC_DEGENERATION: Final = Code("77547008", "SCT", "Degeneration of intervertebral disc")
+DISC_HERNIATION: Final = Code("73589001", "SCT", "Herniation of intervertebral disc")
 VERTEBRAL_DEGENERATION: Final = Code("CCF1001", PRIVATE_SCHEME_DESIGNATOR, "Vertebral degeneration")
 DISC_BULGE: Final = Code("CCF1002", PRIVATE_SCHEME_DESIGNATOR, "Intervertebral disc bulge")
 DISC_PROTRUSION: Final = Code("CCF1003", PRIVATE_SCHEME_DESIGNATOR, "Intervertebral disc protrusion")
@@ -104,14 +114,24 @@ DIAGNOSES: Final[dict[tuple[str, str], Code]] = {
     ("disc", "v5"): SCHMORL_NODE,
 }
 
+# The standard concept each private finding is a kind of (None: no standard parent could be verified).
+STANDARD_PARENTS: Final[dict[Code, Code | None]] = {
+    VERTEBRAL_DEGENERATION: None,
+    DISC_BULGE: DISC_DEGENERATION,
+    DISC_PROTRUSION: DISC_HERNIATION,
+    DISC_EXTRUSION: DISC_HERNIATION,
+    SCHMORL_NODE: None,
+}
+
 # Measurements and their units.
 PROBABILITY_OF_ABNORMALITY: Final = Code("CCF2001", PRIVATE_SCHEME_DESIGNATOR, "Probability of abnormality")
 LOCALIZATION_CONFIDENCE: Final = Code("CCF2002", PRIVATE_SCHEME_DESIGNATOR, "Localization confidence")
 UNIT_PROBABILITY: Final = Code("{probability}", "UCUM", "probability")
 UNIT_NONE: Final = Code("1", "UCUM", "no units")
+UNIT_PERCENT: Final = Code("%", "UCUM", "percent")
 
 # Report structure.
-PROCEDURE_REPORTED: Final = Code("25056-3", "LN", "MRI unspecified body region")
+PROCEDURE_REPORTED: Final = Code("433141005", "SCT", "Magnetic resonance imaging of lumbar and sacral spine")
 COMMENT: Final = Code("121106", "DCM", "Comment")
 DEVICE_OBSERVER: Final = Code("121007", "DCM", "Device")
 

@@ -31,11 +31,14 @@ OHIF_PROBE_TRACKING_IDENTIFIER: Final = "Cornerstone3DTools@^0.1.0:Probe"
 
 
 def _algorithm_identification(result: AnalysisResult) -> hd.sr.AlgorithmIdentification:
-    """TID 4019: model name and model version, manufacturer."""
+    """TID 4019: model name and model version (with the weights' sha256 prefix), manufacturer, and the full
+    weights digest as the algorithm parameter."""
+    weights = _common.weights_text(result.algorithm)
     return hd.sr.AlgorithmIdentification(
         name=result.algorithm.model_name,
         version=result.algorithm.model_version,
         manufacturer=result.algorithm.manufacturer,
+        parameters=[weights] if weights else None,
     )
 
 
