@@ -33,7 +33,7 @@ _PASSED_HEADERS: Final = ("accept", "content-type", "range")
 _RETURNED_HEADERS: Final = ("content-type", "content-range", "accept-ranges")
 
 
-def app_config(*, trackingMode: str = "simplified") -> str:  # noqa: N803  (OHIF's own key names)
+def app_config(*, tracking_mode: str = "simplified") -> str:
     """OHIF's app-config.js: one DICOMweb data source on our own origin (the proxy to Orthanc)."""
     config = {
         "routerBasename": "/",
@@ -46,7 +46,7 @@ def app_config(*, trackingMode: str = "simplified") -> str:  # noqa: N803  (OHIF
         "showCPUFallbackMessage": False,
         "showLoadingIndicator": True,
         "strictZSpacingForVolumeViewport": True,
-        "measurementTrackingMode": trackingMode,
+        "measurementTrackingMode": tracking_mode,
         "disableConfirmationPrompts": True,
         "investigationalUseDialog": {"option": "never"},
         "defaultDataSourceName": "orthanc",
@@ -107,10 +107,10 @@ class OhifServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (the base class's name)
+            def log_message(self, format: str, *args: Any) -> None:
                 server.requests.append(format % args)
 
-            def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path.startswith("/dicom-web/"):
                     self._forward()
@@ -119,7 +119,7 @@ class OhifServer:
                 else:
                     self._static(path)
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 self._forward()
 
             def _reply(self, status: int, content_type: str, body: bytes, extra: dict[str, str] | None = None) -> None:
