@@ -157,7 +157,7 @@ def _check_viewer(page: Any, server: OhifServer, study_uid: str, stated: dict[st
         # The SR: OHIF hydrates it into tracked measurements on the analysed slice.
         page.evaluate(_show("d.Modality === 'SR'"))
         page.wait_for("window.services.measurementService.getMeasurements().length >= 11"
-                      " && document.querySelectorAll('svg circle').length >= 11", timeout=90)
+                      " && document.querySelectorAll('.viewport-element svg circle').length >= 11", timeout=90)
         measurements = page.evaluate(MEASUREMENTS_JS)
         boxes = page.evaluate(TEXT_BOXES_JS)
         page.screenshot(SHOTS / "sr-tracked-measurements.png")
