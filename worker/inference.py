@@ -212,7 +212,7 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
             algorithm=_algorithm(analysis), heatmaps=analysis.heatmaps,
         )
         datasets = build_results(
-            result, sr_tracking=settings.sr_tracking, include_segmentation=settings.include_segmentation,
+            result, include_segmentation=settings.include_segmentation,
             segmentation_kind=settings.segmentation_type,
         )
     except (ValueError, TypeError) as exc:

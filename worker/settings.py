@@ -165,7 +165,6 @@ class Settings(BaseSettings):
     # Model and results
     model_path: OptionalPath = None
     model_device: Literal["auto", "cpu", "cuda"] = "auto"
-    sr_tracking: Literal["standard", "ohif"] = "standard"
     include_segmentation: bool = False
     # BINARY: one region per structure, what viewers load; FRACTIONAL: the heatmaps, for research viewers.
     segmentation_type: Literal["binary", "fractional"] = "binary"

@@ -34,12 +34,10 @@ def result() -> AnalysisResult:
     return make_result()
 
 
-@pytest.fixture(scope="module", params=["standard", "ohif"])
-def written(
-    request: pytest.FixtureRequest, result: AnalysisResult, tmp_path_factory: pytest.TempPathFactory
-) -> list[Path]:
-    objects = build_results(result, sr_tracking=request.param, include_segmentation=True)
-    folder = tmp_path_factory.mktemp(f"results_{request.param}")
+@pytest.fixture(scope="module")
+def written(result: AnalysisResult, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    objects = build_results(result, include_segmentation=True)
+    folder = tmp_path_factory.mktemp("results")
     return [write(ds, folder / f"{index}.dcm") for index, ds in enumerate(objects)]
 
 
@@ -95,7 +93,8 @@ def test_every_object_names_the_algorithm_in_contributing_equipment(
 def test_the_same_structure_has_the_same_tracking_uid_in_sr_gsps_and_seg(written: list[Path]) -> None:
     sr, gsps, _, seg = (dcmread(path) for path in written)
     groups = sr.ContentSequence[-1].ContentSequence
-    sr_uids = [item.UID for group in groups for item in group.ContentSequence if item.ValueType == "UIDREF"]
+    # Two groups per structure in the SR (the region and its measurements), one tracking UID.
+    sr_uids = [item.UID for group in groups[::2] for item in group.ContentSequence if item.ValueType == "UIDREF"]
     gsps_uids = [text.TrackingUID for text in gsps.GraphicAnnotationSequence[0].TextObjectSequence]
     seg_uids = [segment.TrackingUID for segment in seg.SegmentSequence]
     assert sr_uids == gsps_uids == seg_uids
@@ -120,8 +119,8 @@ def test_the_source_dataset_is_not_modified() -> None:
 
 
 def test_bad_arguments_are_refused(result: AnalysisResult) -> None:
-    with pytest.raises(ValueError, match="sr_tracking"):
-        build_results(result, sr_tracking="OHIF")
+    with pytest.raises(TypeError, match="result"):
+        build_results(result.source_dataset)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="segmentation_kind"):
         build_results(result, include_segmentation=True, segmentation_kind="label")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="heatmaps"):

@@ -7,7 +7,6 @@ Schemes:
 - UCUM: units.
 - LN: LOINC (procedure reported, CID 100).
 - 99CCFNET: our private scheme (see below).
-- CORNERSTONEJS: the scheme OHIF / Cornerstone3D use for free-text labels; only in the OHIF tracking mode.
 
 Disc codes follow SNOMED CT's anatomical convention of naming an intervertebral disc after the vertebra
 above it: "intervertebral disc structure of fourth lumbar vertebra" is the L4-L5 disc, "... of twelfth
@@ -36,8 +35,6 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.coding import Code
 
 PRIVATE_SCHEME_DESIGNATOR: Final = "99CCFNET"
-OHIF_SCHEME_DESIGNATOR: Final = "CORNERSTONEJS"
-OHIF_FREE_TEXT_CODE_VALUE: Final = "CORNERSTONEFREETEXT"
 
 
 def private_scheme() -> CodingSchemeIdentificationItem:
@@ -48,22 +45,6 @@ def private_scheme() -> CodingSchemeIdentificationItem:
         version="1",
         responsible_organization="ccfnet-worker",
     )
-
-
-def ohif_scheme() -> CodingSchemeIdentificationItem:
-    """The Coding Scheme Identification item for OHIF's free-text label scheme."""
-    return CodingSchemeIdentificationItem(
-        designator=OHIF_SCHEME_DESIGNATOR,
-        name="Cornerstone3D free-text labels",
-        responsible_organization="OHIF / Cornerstone3D",
-    )
-
-
-def ohif_free_text(label: str) -> Code:
-    """OHIF's free-text label as a code: the text is the code meaning (LO, at most 64 characters)."""
-    if not label or len(label) > 64:
-        raise ValueError(f"OHIF free-text label must be 1..64 characters, got {len(label)}")
-    return Code(OHIF_FREE_TEXT_CODE_VALUE, OHIF_SCHEME_DESIGNATOR, label)
 
 
 # Anatomy: finding sites (SR) and segmented property types (SEG).
@@ -126,8 +107,6 @@ STANDARD_PARENTS: Final[dict[Code, Code | None]] = {
 # Measurements and their units.
 PROBABILITY_OF_ABNORMALITY: Final = Code("CCF2001", PRIVATE_SCHEME_DESIGNATOR, "Probability of abnormality")
 LOCALIZATION_CONFIDENCE: Final = Code("CCF2002", PRIVATE_SCHEME_DESIGNATOR, "Localization confidence")
-UNIT_PROBABILITY: Final = Code("{probability}", "UCUM", "probability")
-UNIT_NONE: Final = Code("1", "UCUM", "no units")
 UNIT_PERCENT: Final = Code("%", "UCUM", "percent")
 
 # Report structure.

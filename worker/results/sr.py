@@ -1,22 +1,27 @@
-"""Comprehensive 3D SR with a TID 1500 Measurement Report: one measurement group per structure.
+"""Comprehensive 3D SR with a TID 1500 Measurement Report: per structure, two measurement groups that share the
+structure's tracking identifier ("L4-L5") and tracking UID, the pattern PS3.16 gives for measurements of one
+finding made with different templates (PS3.17 RRR.5):
 
-Two layouts, chosen by `tracking`:
+- TID 1410 (Planar ROI Measurements and Qualitative Evaluations): the point as the Image Region (SCOORD POINT on
+  the source image), the diagnosis as the coded "Finding" (DCM 121071), the finding site (SNOMED CT), TID 4019
+  algorithm identification, and a Comment (DCM 121106) with the label a person reads
+  ("L4-L5 disc: protrusion, 87 %").
+- TID 1501 (Measurement and Qualitative Evaluation Group): the same finding and site, the probability of
+  abnormality and the localisation confidence as NUM measurements in percent (UCUM "%"), each INFERRED FROM
+  the same point (TID 300 / TID 320).
 
-- "standard": each group is TID 1410 (Planar ROI Measurements and Qualitative Evaluations) with the level as
-  its tracking identifier ("L4-L5"), a tracking UID, the point as an Image Region SCOORD POINT on the source
-  image, the finding site (SNOMED CT), the diagnosis as the coded "Finding" (DCM 121071), the probability of
-  abnormality and the localisation confidence as NUM measurements, and TID 4019 algorithm identification.
-- "ohif": what OHIF / Cornerstone3D re-open as editable Probe annotations. OHIF chooses the tool from the
-  tracking identifier text, which must be "Cornerstone3DTools@^0.1.0:Probe"; its reader takes the point from a
-  NUM item's INFERRED FROM SCOORD (TID 1501 with TID 300 coordinates; cornerstone's own Probe writes exactly
-  this) and the annotation label from a Comment (DCM 121106) TEXT item (Cornerstone3D 3.x) or else a
-  CORNERSTONEJS "CORNERSTONEFREETEXT" finding site (older OHIF). Since the tracking identifier is taken,
-  the level goes into those label items ("L4-L5 protrusion 0.87") and stays in the coded finding site.
+Why two groups: OHIF 3.x (Cornerstone3D adapters) re-opens a group as a tracked Probe annotation when the
+tracking identifier is one of its own ("Cornerstone3DTools@^0.1.0:Probe") or, for any other identifier, when
+the group holds a single-point SCOORD POINT at its top level, which only TID 1410 allows; it then reads the
+point from the group's first NUM's INFERRED FROM SCOORD if the group has a NUM, which TID 1410 forbids (TID
+1419 has no INFERRED FROM row). A TID 1410 group without NUMs is read from its Image Region, with the Comment
+as the annotation's label; OHIF skips the TID 1501 group when hydrating (no top-level SCOORD) and shows its
+numbers beside the point in its SR view, where groups are merged by tracking UID.
 """
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final
 
 import highdicom as hd
 import numpy as np
@@ -25,9 +30,8 @@ from pydicom.dataset import Dataset
 from worker.results import _common, codes
 from worker.results.findings import AnalysisResult, StructureFinding
 
-SrTracking = Literal["standard", "ohif"]
-SR_TRACKING_MODES: Final[tuple[str, ...]] = ("standard", "ohif")
-OHIF_PROBE_TRACKING_IDENTIFIER: Final = "Cornerstone3DTools@^0.1.0:Probe"
+PERCENT_DECIMALS: Final = 1
+_Group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
 
 
 def _algorithm_identification(result: AnalysisResult) -> hd.sr.AlgorithmIdentification:
@@ -58,70 +62,38 @@ def _observation_context(result: AnalysisResult) -> hd.sr.ObservationContext:
     )
 
 
-def _measurements(
-    finding: StructureFinding, coordinates: hd.sr.CoordinatesForMeasurement | None
-) -> list[hd.sr.Measurement]:
-    """Probability of abnormality and localisation confidence (TID 300), maybe inferred from the point."""
-    references = [coordinates] if coordinates is not None else None
-    return [
-        hd.sr.Measurement(
-            name=codes.PROBABILITY_OF_ABNORMALITY,
-            value=finding.probability,
-            unit=codes.UNIT_PROBABILITY,
-            referenced_coordinates=references,
-        ),
-        hd.sr.Measurement(
-            name=codes.LOCALIZATION_CONFIDENCE,
-            value=finding.confidence,
-            unit=codes.UNIT_NONE,
-            referenced_coordinates=references,
-        ),
-    ]
+def _percent(fraction: float) -> float:
+    """A fraction in [0, 1] as a percentage to 0.1 %: what the numbers mean, printed readably by viewers."""
+    return round(100.0 * fraction, PERCENT_DECIMALS)
 
 
 def _point(finding: StructureFinding) -> np.ndarray:
     return np.array([finding.point_px], dtype=np.float64)
 
 
-def _standard_group(
+def _tracking(result: AnalysisResult, finding: StructureFinding) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=_common.tracking_uid(result, finding), identifier=finding.name)
+
+
+def _finding_sites(finding: StructureFinding) -> list[hd.sr.FindingSite]:
+    return [hd.sr.FindingSite(anatomic_location=codes.STRUCTURE_SITES[finding.name])]
+
+
+def _region_group(
     result: AnalysisResult, source: Dataset, finding: StructureFinding
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410: where the structure is, what it is, and the label; no NUM (see the module docstring)."""
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POINT,
         graphic_data=_point(finding),
         source_image=hd.sr.SourceImageForRegion.from_source_image(source),
     )
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_common.tracking_uid(result, finding), identifier=finding.name
-        ),
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(result, finding),
         referenced_region=region,
         finding_type=codes.DIAGNOSES[(finding.kind, finding.label)],
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.STRUCTURE_SITES[finding.name])],
+        finding_sites=_finding_sites(finding),
         algorithm_id=_algorithm_identification(result),
-        measurements=_measurements(finding, None),
-    )
-
-
-def _ohif_group(
-    result: AnalysisResult, source: Dataset, finding: StructureFinding
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    coordinates = hd.sr.CoordinatesForMeasurement(
-        graphic_type=hd.sr.GraphicTypeValues.POINT,
-        graphic_data=_point(finding),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
-    )
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_common.tracking_uid(result, finding), identifier=OHIF_PROBE_TRACKING_IDENTIFIER
-        ),
-        finding_type=codes.DIAGNOSES[(finding.kind, finding.label)],
-        finding_sites=[
-            hd.sr.FindingSite(anatomic_location=codes.STRUCTURE_SITES[finding.name]),
-            hd.sr.FindingSite(anatomic_location=codes.ohif_free_text(finding.text)),
-        ],
-        algorithm_id=_algorithm_identification(result),
-        measurements=_measurements(finding, coordinates),
     )
     group[0].ContentSequence.append(
         hd.sr.TextContentItem(
@@ -133,10 +105,43 @@ def _ohif_group(
     return group
 
 
+def _measurement_group(
+    result: AnalysisResult, source: Dataset, finding: StructureFinding
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501: the numbers, each inferred from the structure's point."""
+    coordinates = [
+        hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POINT,
+            graphic_data=_point(finding),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+        )
+    ]
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.PROBABILITY_OF_ABNORMALITY,
+            value=_percent(finding.probability),
+            unit=codes.UNIT_PERCENT,
+            referenced_coordinates=coordinates,
+        ),
+        hd.sr.Measurement(
+            name=codes.LOCALIZATION_CONFIDENCE,
+            value=_percent(finding.confidence),
+            unit=codes.UNIT_PERCENT,
+            referenced_coordinates=coordinates,
+        ),
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(result, finding),
+        finding_type=codes.DIAGNOSES[(finding.kind, finding.label)],
+        finding_sites=_finding_sites(finding),
+        algorithm_id=_algorithm_identification(result),
+        measurements=measurements,
+    )
+
+
 def build_sr(
     result: AnalysisResult,
     *,
-    tracking: SrTracking = "standard",
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
@@ -147,25 +152,19 @@ def build_sr(
     """
     if not isinstance(result, AnalysisResult):
         raise TypeError('Argument "result" must have type AnalysisResult.')
-    if tracking not in SR_TRACKING_MODES:
-        raise ValueError(
-            f'Argument "tracking" must be one of {", ".join(SR_TRACKING_MODES)}, got {tracking!r}.'
-        )
     series_uid = _common.new_uid(series_instance_uid, "series_instance_uid")
     instance_uid = _common.new_uid(sop_instance_uid, "sop_instance_uid")
     source = _common.working_source(result)
 
-    make_group = _standard_group if tracking == "standard" else _ohif_group
-    groups = [make_group(result, source, finding) for finding in result.findings]
+    groups: list[_Group] = []
+    for finding in result.findings:
+        groups += [_region_group(result, source, finding), _measurement_group(result, source, finding)]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result),
         procedure_reported=codes.PROCEDURE_REPORTED,
         imaging_measurements=groups,
         referenced_images=[source],
     )
-    coding_schemes = [codes.private_scheme()]
-    if tracking == "ohif":
-        coding_schemes.append(codes.ohif_scheme())
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source],
         content=report[0],
@@ -179,7 +178,7 @@ def build_sr(
         is_verified=False,
         contributing_equipment=[_common.contributing_equipment(result.algorithm)],
         series_description=_common.SR_SERIES.description,
-        coding_schemes=coding_schemes,
+        coding_schemes=[codes.private_scheme()],
         specific_character_set=_common.character_set(result),
     )
     _common.mark_equipment(sr, result.algorithm)
