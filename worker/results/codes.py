@@ -13,9 +13,9 @@ above it: "intervertebral disc structure of fourth lumbar vertebra" is the L4-L5
 thoracic vertebra" is T12-L1 and "... of fifth lumbar vertebra" is L5-S1.
 
 Standard codes are used wherever the concept exists and its code could be checked: anatomy and "Normal" /
-"Abnormal" against DICOM PS3.16 (pydicom's concept dictionary); "Herniation of intervertebral disc" (SCT
-73589001), "Degeneration of intervertebral disc" (SCT 77547008) and the procedure (SCT 433141005) against
-two independent published SNOMED CT value sets each (this machine has no SNOMED CT browser).
+"Abnormal" and the procedure (LN 25056-3, CID 100) against DICOM PS3.16 (pydicom's concept dictionary);
+"Herniation of intervertebral disc" (SCT 73589001) and "Degeneration of intervertebral disc" (SCT 77547008)
+against two independent published SNOMED CT value sets each (this machine has no SNOMED CT browser).
 
 The private scheme 99CCFNET (coding scheme designator "99CCFNET", a "99"-prefixed local designator as PS3.3
 8.2 allows) holds the concepts that are more specific than any standard code that could be verified: disc
@@ -110,7 +110,10 @@ LOCALIZATION_CONFIDENCE: Final = Code("CCF2002", PRIVATE_SCHEME_DESIGNATOR, "Loc
 UNIT_PERCENT: Final = Code("%", "UCUM", "percent")
 
 # Report structure.
-PROCEDURE_REPORTED: Final = Code("433141005", "SCT", "Magnetic resonance imaging of lumbar and sacral spine")
+# TID 1500's Procedure Reported takes CID 100, which has no lumbar spine MR procedure, and PixelMed's validator
+# refuses codes outside it (SCT 433141005 "Magnetic resonance imaging of lumbar and sacral spine" was tried):
+# the procedure is CID 100's MR entry, and the lumbar spine is coded at every finding site.
+PROCEDURE_REPORTED: Final = Code("25056-3", "LN", "MRI unspecified body region")
 COMMENT: Final = Code("121106", "DCM", "Comment")
 DEVICE_OBSERVER: Final = Code("121007", "DCM", "Device")
 
