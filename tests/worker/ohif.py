@@ -33,8 +33,10 @@ _PASSED_HEADERS: Final = ("accept", "content-type", "range")
 _RETURNED_HEADERS: Final = ("content-type", "content-range", "accept-ranges")
 
 
-def app_config(*, tracking_mode: str = "simplified") -> str:
-    """OHIF's app-config.js: one DICOMweb data source on our own origin (the proxy to Orthanc)."""
+def app_config() -> str:
+    """OHIF's app-config.js: one DICOMweb data source on our own origin (the proxy to Orthanc). Measurement
+    tracking and the confirmation prompts stay at OHIF's defaults (standard mode, ask before loading an SR or
+    SEG), as a site's unmodified OHIF has them."""
     config = {
         "routerBasename": "/",
         "extensions": [],
@@ -46,8 +48,6 @@ def app_config(*, tracking_mode: str = "simplified") -> str:
         "showCPUFallbackMessage": False,
         "showLoadingIndicator": True,
         "strictZSpacingForVolumeViewport": True,
-        "measurementTrackingMode": tracking_mode,
-        "disableConfirmationPrompts": True,
         "investigationalUseDialog": {"option": "never"},
         "defaultDataSourceName": "orthanc",
         "dataSources": [

@@ -93,8 +93,7 @@ def test_every_object_names_the_algorithm_in_contributing_equipment(
 def test_the_same_structure_has_the_same_tracking_uid_in_sr_gsps_and_seg(written: list[Path]) -> None:
     sr, gsps, _, seg = (dcmread(path) for path in written)
     groups = sr.ContentSequence[-1].ContentSequence
-    # Two groups per structure in the SR (the region and its measurements), one tracking UID.
-    sr_uids = [item.UID for group in groups[::2] for item in group.ContentSequence if item.ValueType == "UIDREF"]
+    sr_uids = [item.UID for group in groups for item in group.ContentSequence if item.ValueType == "UIDREF"]
     gsps_uids = [text.TrackingUID for text in gsps.GraphicAnnotationSequence[0].TextObjectSequence]
     seg_uids = [segment.TrackingUID for segment in seg.SegmentSequence]
     assert sr_uids == gsps_uids == seg_uids

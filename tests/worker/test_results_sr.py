@@ -1,5 +1,6 @@
 """The TID 1500 measurement report: valid for dciodvfy, PixelMed and DCMTK, readable by highdicom, laid out so
-OHIF re-opens it as tracked measurements, and saying what the model found."""
+OHIF shows each level's label and re-opens it as a tracked, labelled measurement, and saying what the model
+found."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _report(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementReport:
     return report
 
 
-def _finding_code(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> tuple[str, str, str]:
+def _finding_code(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> tuple[str, str, str]:
     """The group's "Finding" (DCM 121071) code: the diagnosis."""
     finding = group.finding_type
     assert finding is not None
@@ -110,7 +111,7 @@ def test_dsrdump_reads_the_document(sr_file: Path) -> None:
 @pytest.mark.slow
 def test_pixelmed_validates_the_templates_without_error(sr_file: Path) -> None:
     """PixelMed's DicomSRValidator checks the IOD and the TID 1500 template tree; warnings are allowed
-    (its 2022 templates lack TID 4019's Algorithm Manufacturer and TID 1410's Comment), errors are not."""
+    (its 2022 templates lack TID 4019's Algorithm Manufacturer and a Comment in a measurement group), errors are not."""
     limits = [f"-Djdk.xml.{name}=0" for name in ("xpathExprOpLimit", "xpathExprGrpLimit", "xpathTotalOpLimit")]
     classpath = ":".join(str(jar) for jar in PIXELMED_JARS)
     completed = subprocess.run(
@@ -167,91 +168,118 @@ def test_the_document_is_unverified_preliminary_ai_output(
     assert codes.PRIVATE_SCHEME_DESIGNATOR in schemes
 
 
-def test_each_level_has_a_region_group_and_a_measurement_group_with_one_tracking_uid(
+def test_each_level_has_one_measurement_group_tracked_by_an_identifier_ohif_opens_as_an_arrow(
     standard: hd.sr.Comprehensive3DSR, result: AnalysisResult
 ) -> None:
     report = _report(standard)
-    planar = report.get_planar_roi_measurement_groups()
-    measured = report.get_image_measurement_groups()
-    assert [group.tracking_identifier for group in planar] == list(STRUCTURES)
-    assert [group.tracking_identifier for group in measured] == list(STRUCTURES)
-    uids = [str(group.tracking_uid) for group in planar]
-    assert len(set(uids)) == 11
-    assert [str(group.tracking_uid) for group in measured] == uids
-    source_uid = result.source_dataset.SOPInstanceUID
-    for group, finding in zip(planar, result.findings, strict=True):
-        roi = group.roi
-        assert isinstance(roi, hd.sr.ImageRegion)
-        assert roi.graphic_type == hd.sr.GraphicTypeValues.POINT
-        np.testing.assert_allclose(roi.value, [finding.point_px], atol=1e-4)
-        assert roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source_uid
+    assert report.get_planar_roi_measurement_groups() == []
+    groups = report.get_image_measurement_groups()
+    assert [group.tracking_identifier for group in groups] == [
+        f"Cornerstone3DTools@^0.1.0:ArrowAnnotate:{name}" for name in STRUCTURES
+    ]
+    assert len({str(group.tracking_uid) for group in groups}) == 11
 
 
 def test_groups_carry_site_diagnosis_label_probability_and_algorithm(
     standard: hd.sr.Comprehensive3DSR, result: AnalysisResult
 ) -> None:
-    report = _report(standard)
-    pairs = zip(report.get_planar_roi_measurement_groups(), report.get_image_measurement_groups(), strict=True)
-    for (planar, measured), finding in zip(pairs, result.findings, strict=True):
+    source_uid = result.source_dataset.SOPInstanceUID
+    for group, finding in zip(_report(standard).get_image_measurement_groups(), result.findings, strict=True):
         expected = codes.DIAGNOSES[(finding.kind, finding.label)]
-        for group in (planar, measured):
-            assert [site.value.value for site in group.finding_sites] == [codes.STRUCTURE_SITES[finding.name].value]
-            assert group.finding_sites[0].value.scheme_designator == "SCT"
-            assert _finding_code(group) == (expected.value, expected.scheme_designator, expected.meaning)
-            names = [item.TextValue for item in _named(group[0], "111001")]  # Algorithm Name
-            versions = [item.TextValue for item in _named(group[0], "111003")]  # Algorithm Version
-            assert names == [result.algorithm.model_name]
-            assert versions == [result.algorithm.model_version]
-        assert [item.TextValue for item in _named(planar[0], codes.COMMENT.value)] == [finding.text]
-        assert planar.get_measurements() == []
-        (probability,) = measured.get_measurements(name=codes.PROBABILITY_OF_ABNORMALITY)
+        assert [site.value.value for site in group.finding_sites] == [codes.STRUCTURE_SITES[finding.name].value]
+        assert group.finding_sites[0].value.scheme_designator == "SCT"
+        assert _finding_code(group) == (expected.value, expected.scheme_designator, expected.meaning)
+        names = [item.TextValue for item in _named(group[0], "111001")]  # Algorithm Name
+        versions = [item.TextValue for item in _named(group[0], "111003")]  # Algorithm Version
+        assert names == [result.algorithm.model_name]
+        assert versions == [result.algorithm.model_version]
+        comments = [item for item in group[0].ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121106"]
+        assert [item.TextValue for item in comments] == [finding.text]
+        (probability,) = group.get_measurements(name=codes.PROBABILITY_OF_ABNORMALITY)
         assert probability.value == pytest.approx(100 * finding.probability, abs=0.05)
         assert probability.unit.value == "%" and probability.unit.scheme_designator == "UCUM"
-        (confidence,) = measured.get_measurements(name=codes.LOCALIZATION_CONFIDENCE)
+        (confidence,) = group.get_measurements(name=codes.LOCALIZATION_CONFIDENCE)
         assert confidence.value == pytest.approx(100 * finding.confidence, abs=0.05)
         assert confidence.unit.value == "%"
         for measurement in (probability, confidence):
             (scoord,) = [item for item in measurement[0].ContentSequence if item.ValueType == "SCOORD"]
             assert scoord.RelationshipType == "INFERRED FROM" and scoord.GraphicType == "POINT"
             np.testing.assert_allclose(scoord.GraphicData, finding.point_px, atol=1e-4)
+            assert scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source_uid
 
 
-def _ohif_reading(group: Dataset) -> tuple[list[float], str] | None:
-    """What OHIF 3.13 (Cornerstone3D adapters 5.6) reads from a measurement group whose tracking identifier is
-    not one of its own: a Probe when the group has one top-level SCOORD POINT of one point; its point from the
-    first NUM's SCOORD if the group has a NUM, else from that top-level SCOORD; its label from a Comment."""
+def _ohif_tracked_reading(group: Dataset) -> tuple[str, list[float], str] | None:
+    """What OHIF 3.13 (Cornerstone3D adapters 5.6) tracks from a measurement group: the tool from the tracking
+    identifier's prefix (ArrowAnnotate here), else from a top-level SCOORD POINT (a Probe); the point from the
+    first NUM's SCOORD if the group has a NUM, else from the top-level SCOORD; the label from the Comment."""
     content = list(group.ContentSequence)
+    (identifier,) = [item.TextValue for item in content if item.ConceptNameCodeSequence[0].CodeValue == "112039"]
     graphics = [item for item in content if item.ValueType in ("SCOORD", "SCOORD3D")]
-    if not graphics or graphics[0].GraphicType != "POINT" or len(graphics[0].GraphicData) != 2:
+    if identifier.startswith("Cornerstone3DTools@^0.1.0:ArrowAnnotate"):
+        tool = "ArrowAnnotate"
+    elif graphics and graphics[0].GraphicType == "POINT" and len(graphics[0].GraphicData) == 2:
+        tool = "Probe"
+    else:
         return None  # no adapter accepts it; OHIF skips the group
     nums = [item for item in content if item.ValueType == "NUM"]
     if nums:
-        children = [item for item in nums[0].get("ContentSequence", []) if item.ValueType == "SCOORD"]
-        if not children:
-            raise AssertionError("OHIF: 'No spatial coordinates group found.'")
-        graphics = children
+        graphics = [item for item in nums[0].get("ContentSequence", []) if item.ValueType == "SCOORD"]
+    if not graphics:
+        raise AssertionError("OHIF: 'No spatial coordinates group found.'")
     comments = [item.TextValue for item in content if item.ConceptNameCodeSequence[0].CodeValue == "121106"]
-    return [float(value) for value in graphics[0].GraphicData], (comments[0] if comments else "")
+    return tool, [float(value) for value in graphics[0].GraphicData], (comments[0] if comments else "")
 
 
-def test_ohif_reads_one_labelled_point_per_level_where_the_sr_puts_it(
+def test_ohif_tracks_one_labelled_arrow_per_level_where_the_sr_puts_it(
     standard: hd.sr.Comprehensive3DSR, result: AnalysisResult
 ) -> None:
     (imaging,) = _named(standard, "126010")  # Imaging Measurements
-    readings = [reading for group in imaging.ContentSequence if (reading := _ohif_reading(group)) is not None]
+    readings = [reading for group in imaging.ContentSequence if (reading := _ohif_tracked_reading(group)) is not None]
     assert len(readings) == 11
-    for (point, label), finding in zip(readings, result.findings, strict=True):
+    for (tool, point, label), finding in zip(readings, result.findings, strict=True):
+        assert tool == "ArrowAnnotate"  # draws its label; a Probe draws the pixel value instead
         np.testing.assert_allclose(point, finding.point_px, atol=1e-4)
         assert label == finding.text and finding.name in label and finding.diagnosis in label
         assert RAW_CODE.search(label) is None
 
 
+def _ohif_sr_view_lines(group: Dataset) -> list[str]:
+    """The text OHIF 3.13's SR view (DICOMSRDisplayTool, before tracking) prints beside a group's point: with a
+    top-level SCOORD, each NUM and "363698007: <finding site>"; without one, each Comment followed by ": ", then
+    each NUM, "<name>: <value to 2 decimals> <unit code>"; 5 lines at most."""
+    content = list(group.ContentSequence)
+    lines = []
+    top_level_scoord = any(item.ValueType in ("SCOORD", "SCOORD3D") for item in content)
+    if not top_level_scoord:
+        lines += [f"{item.TextValue}: " for item in content if item.ConceptNameCodeSequence[0].CodeValue == "121106"]
+    for item in content:
+        if item.ValueType == "NUM":
+            value = item.MeasuredValueSequence[0]
+            unit = value.MeasurementUnitsCodeSequence[0].CodeValue
+            lines.append(f"{item.ConceptNameCodeSequence[0].CodeMeaning}: {float(value.NumericValue):.2f} {unit}")
+    if top_level_scoord:
+        lines += [f"363698007: {item.ConceptCodeSequence[0].CodeMeaning}" for item in content
+                  if item.ConceptNameCodeSequence[0].CodeValue == "363698007"]
+    return lines[:5]
+
+
+def test_ohifs_sr_view_prints_the_label_and_the_numbers_without_codes(
+    standard: hd.sr.Comprehensive3DSR, result: AnalysisResult
+) -> None:
+    (imaging,) = _named(standard, "126010")  # Imaging Measurements
+    for group, finding in zip(imaging.ContentSequence, result.findings, strict=True):
+        assert _ohif_sr_view_lines(group) == [
+            f"{finding.text}: ",
+            f"Probability of abnormality: {100 * finding.probability:.2f} %",
+            f"Localization confidence: {100 * finding.confidence:.2f} %",
+        ]
+
+
 def test_diagnoses_use_snomed_for_normal_and_the_private_scheme_otherwise(
     standard: hd.sr.Comprehensive3DSR,
 ) -> None:
-    groups = {
-        group.tracking_identifier: group for group in _report(standard).get_planar_roi_measurement_groups()
-    }
+    report = _report(standard)
+    groups = {group.tracking_identifier.rsplit(":", 1)[-1]: group for group in report.get_image_measurement_groups()}
     assert _finding_code(groups["L1"]) == ("17621005", "SCT", "Normal")
     assert _finding_code(groups["L4-L5"]) == ("CCF1003", "99CCFNET", "Intervertebral disc protrusion")
     assert _finding_code(groups["L1-L2"]) == ("CCF1005", "99CCFNET", "Schmorl's node")

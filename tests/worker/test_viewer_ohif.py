@@ -1,14 +1,16 @@
 """A radiologist's view, for real: Orthanc sends a phantom study to the service (embedded, default settings plus
 the segmentation), the results go back to Orthanc, and the pinned OHIF release opens the study over Orthanc's
-DICOMweb in headless Chromium. The SR must load as 11 tracked measurements on the points it states, with
-labels in words whose on-image text boxes do not overlap; the SEG as 11 named segments; the key image as a
-still. Screenshots go to test-artifacts/ohif/."""
+DICOMweb in headless Chromium, configured as a site would (OHIF's defaults for tracking and prompts). The SR must
+first show, in OHIF's SR view, each level's label and numbers with no code values; then, tracked, 11 labelled
+arrows on the points it states whose text boxes carry the labels in words and do not overlap; the SEG must load
+as 11 named segments; the key image as a still. Screenshots go to test-artifacts/ohif/."""
 
 from __future__ import annotations
 
 import io
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,12 +51,15 @@ MEASUREMENTS_JS = """(() => {
             sop: m.SOPInstanceUID};
   });
 })()"""
-# The screen rectangle of each annotation's text box in the viewport's SVG layer.
-TEXT_BOXES_JS = """(() => [...document.querySelectorAll('g[data-annotation-uid] text')].map(t => {
+# The text boxes drawn in the viewport's SVG annotation layer: their lines and screen rectangles.
+TEXT_BOXES_JS = """(() => [...document.querySelectorAll('.viewport-element g[data-annotation-uid] text')].map(t => {
   const r = t.getBoundingClientRect();
   return {uid: t.closest('g[data-annotation-uid]').getAttribute('data-annotation-uid'), text: t.textContent,
+          lines: [...t.querySelectorAll('tspan')].map(s => s.textContent),
           left: r.left, top: r.top, right: r.right, bottom: r.bottom};
 }))()"""
+# OHIF's prompt "Do you want to continue tracking measurements / open this segmentation?": answer Yes.
+YES = "document.querySelector('[data-cy=\"yes-hydrate-btn\"]')"
 
 
 def _show(kind: str) -> str:
@@ -108,17 +113,23 @@ def _processed_study(tmp_path: Path, pacs: Orthanc) -> tuple[str, dict[str, Path
     return truth.study_uid, results
 
 
-def _sr_points(path: Path) -> dict[str, tuple[float, float]]:
-    """Level -> the point the SR states (each TID 1410 group's Image Region)."""
+def _sr_groups(path: Path) -> dict[str, dict[str, Any]]:
+    """Level -> what the SR states for it: tracking UID, point (the first NUM's INFERRED FROM SCOORD), label
+    (the Comment) and the two percentages."""
     sr = pydicom.dcmread(path)
-    points = {}
+    groups = {}
     for group in sr.ContentSequence[-1].ContentSequence:
-        items = list(group.ContentSequence)
-        scoords = [item for item in items if item.ValueType == "SCOORD"]
-        if scoords:
-            (level,) = [item.TextValue for item in items if item.ConceptNameCodeSequence[0].CodeValue == "112039"]
-            points[level] = (float(scoords[0].GraphicData[0]), float(scoords[0].GraphicData[1]))
-    return points
+        items = {item.ConceptNameCodeSequence[0].CodeValue: item for item in group.ContentSequence}
+        nums = [item for item in group.ContentSequence if item.ValueType == "NUM"]
+        (scoord,) = [item for item in nums[0].ContentSequence if item.ValueType == "SCOORD"]
+        groups[items["112039"].TextValue.rsplit(":", 1)[-1]] = {
+            "uid": items["112040"].UID,
+            "point": (float(scoord.GraphicData[0]), float(scoord.GraphicData[1])),
+            "label": items["121106"].TextValue,
+            "numbers": [(num.ConceptNameCodeSequence[0].CodeMeaning, float(num.MeasuredValueSequence[0].NumericValue))
+                        for num in nums],
+        }
+    return groups
 
 
 def _overlaps(boxes: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -134,7 +145,7 @@ def test_ohif_opens_the_results_as_tracked_measurements_named_segments_and_a_sti
     tmp_path: Path, orthanc: Orthanc
 ) -> None:
     study_uid, results = _processed_study(tmp_path, orthanc)
-    stated = _sr_points(results["sr"])
+    stated = _sr_groups(results["sr"])
     assert sorted(stated) == sorted(STRUCTURES)
     with OhifServer(OHIF_DIST, orthanc.url, app_config()) as server, browser(tmp_path / "chromium") as page:
         try:
@@ -145,24 +156,56 @@ def test_ohif_opens_the_results_as_tracked_measurements_named_segments_and_a_sti
             raise
 
 
-def _check_viewer(page: Any, server: OhifServer, study_uid: str, stated: dict[str, tuple[float, float]]) -> None:
+def _wait_for_boxes(page: Any, uids: set[str], timeout: float) -> list[dict[str, Any]]:
+    """The text boxes of the given annotations once all of them are drawn and two reads 1 s apart agree."""
+    deadline = time.monotonic() + timeout
+    previous: list[dict[str, Any]] = []
+    while True:
+        boxes = sorted((box for box in page.evaluate(TEXT_BOXES_JS) if box["uid"] in uids), key=lambda b: b["uid"])
+        if len({box["uid"] for box in boxes}) == len(uids) and boxes == previous:
+            return boxes
+        if time.monotonic() > deadline:
+            raise AssertionError(f"within {timeout} s OHIF drew no steady text box for each of {len(uids)}: {boxes}")
+        previous = boxes
+        time.sleep(1.0)
+
+
+def _check_viewer(page: Any, server: OhifServer, study_uid: str, stated: dict[str, dict[str, Any]]) -> None:
     if True:
         page.open(f"{server.url}/app-config.js")
         page.evaluate("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])); true")
         page.open(f"{server.url}/viewer?StudyInstanceUIDs={study_uid}")
         page.wait_for("window.services && window.services.displaySetService.getActiveDisplaySets()"
                       ".filter(d => ['SR', 'SEG'].includes(d.Modality)).length === 2", timeout=120)
-        page.wait_for("document.querySelector('.cornerstone-canvas') !== null", timeout=60)
+        # The hung image is on screen before the SR replaces it (as a reader would click it).
+        page.wait_for("""(() => { const s = window.services;
+          const vp = s.cornerstoneViewportService.getCornerstoneViewport(s.viewportGridService.getActiveViewportId());
+          return !!(vp && vp.getCurrentImageId && vp.getCurrentImageId()); })()""", timeout=90)
 
-        # The SR: OHIF hydrates it into tracked measurements on the analysed slice.
+        # The SR as OHIF opens it by default: its SR view (DICOMSRDisplayTool) draws each group's point with the
+        # Comment and the numbers, and asks whether to track the measurements.
+        sr_uids = {group["uid"] for group in stated.values()}
         page.evaluate(_show("d.Modality === 'SR'"))
-        page.wait_for("window.services.measurementService.getMeasurements().length >= 11"
-                      " && document.querySelectorAll('.viewport-element svg circle').length >= 11", timeout=90)
+        page.wait_for(f"{YES} !== null", timeout=90)
+        before = _wait_for_boxes(page, sr_uids, timeout=60)
+        page.screenshot(SHOTS / "sr-view-before-tracking.png")
+        by_uid = {group["uid"]: group for group in stated.values()}
+        for box in before:
+            group = by_uid[box["uid"]]
+            # What OHIF 3.13 prints: the Comment as "<text>: " (it appends ": " to every line), then each number
+            # to 2 decimals with its unit's code value; no finding-site code (the group has no top-level SCOORD).
+            assert box["lines"] == [f"{group['label']}: "] + [f"{name}: {value:.2f} %" for name, value
+                                                                 in group["numbers"]], box
+            assert RAW_CODE.search(box["text"]) is None, box
+        (SHOTS / "sr-view-before-tracking.json").write_text(json.dumps({"boxes": before,
+                                                                         "overlaps": _overlaps(before)}, indent=1))
+
+        # Yes: OHIF tracks the 11 groups as labelled arrows on the analysed slice.
+        page.evaluate(f"{YES}.click(); true")
+        page.wait_for("window.services.measurementService.getMeasurements().length >= 11", timeout=90)
         measurements = page.evaluate(MEASUREMENTS_JS)
-        boxes = page.evaluate(TEXT_BOXES_JS)
-        page.screenshot(SHOTS / "sr-tracked-measurements.png")
         assert len(measurements) == 11, json.dumps(measurements)
-        assert {m["tool"] for m in measurements} == {"Probe"}
+        assert {m["tool"] for m in measurements} == {"ArrowAnnotate"}
         by_level = {}
         for measurement in measurements:
             label = measurement["label"] or ""
@@ -171,16 +214,23 @@ def _check_viewer(page: Any, server: OhifServer, study_uid: str, stated: dict[st
             by_level[match["level"]] = measurement
         assert sorted(by_level) == sorted(STRUCTURES)
         for level, measurement in by_level.items():
-            dx = measurement["image"][0] - stated[level][0]
-            dy = measurement["image"][1] - stated[level][1]
-            assert (dx * dx + dy * dy) ** 0.5 <= 1.0, (level, measurement["image"], stated[level])
-        # OHIF 3.13 draws a Probe's text (image index and pixel value, not the label) only once it has sampled
-        # the pixel; whatever text boxes it draws for our points must not cover each other.
-        ours = [box for box in boxes if box["uid"] in {m["uid"] for m in measurements}]
-        assert _overlaps(ours) == [], ours
+            assert measurement["label"] == stated[level]["label"]
+            dx = measurement["image"][0] - stated[level]["point"][0]
+            dy = measurement["image"][1] - stated[level]["point"][1]
+            assert (dx * dx + dy * dy) ** 0.5 <= 1.0, (level, measurement["image"], stated[level]["point"])
+        # On the image: one text box per arrow, its text the label (level and finding in words, the percent),
+        # and no two boxes cover each other.
+        boxes = _wait_for_boxes(page, {m["uid"] for m in measurements}, timeout=60)
+        page.screenshot(SHOTS / "sr-tracked-measurements.png")
+        label_of = {m["uid"]: m["label"] for m in measurements}
+        for box in boxes:
+            assert box["lines"] == [label_of[box["uid"]]], box
+            assert box["right"] - box["left"] > 0 and box["bottom"] - box["top"] > 0, box
+        assert _overlaps(boxes) == [], boxes
 
-        # The SEG: 11 segments, each named after its structure.
+        # The SEG: 11 segments, each named after its structure (Yes to OHIF's "open this segmentation?").
         page.evaluate(_show("d.Modality === 'SEG'"))
+        page.wait_for(f"{YES} !== null && ({YES}.click(), true)", timeout=90)
         segments = page.wait_for("""(() => {
           const all = window.services.segmentationService.getSegmentations();
           const segs = all.flatMap(s => Object.values(s.segments || {}).filter(Boolean).map(x => x.label));

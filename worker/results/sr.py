@@ -1,22 +1,22 @@
-"""Comprehensive 3D SR with a TID 1500 Measurement Report: per structure, two measurement groups that share the
-structure's tracking identifier ("L4-L5") and tracking UID, the pattern PS3.16 gives for measurements of one
-finding made with different templates (PS3.17 RRR.5):
+"""Comprehensive 3D SR with a TID 1500 Measurement Report: one TID 1501 measurement group per structure.
 
-- TID 1410 (Planar ROI Measurements and Qualitative Evaluations): the point as the Image Region (SCOORD POINT on
-  the source image), the diagnosis as the coded "Finding" (DCM 121071), the finding site (SNOMED CT), TID 4019
-  algorithm identification, and a Comment (DCM 121106) with the label a person reads
-  ("L4-L5 disc: protrusion, 87 %").
-- TID 1501 (Measurement and Qualitative Evaluation Group): the same finding and site, the probability of
-  abnormality and the localisation confidence as NUM measurements in percent (UCUM "%"), each INFERRED FROM
-  the same point (TID 300 / TID 320).
+Each group holds the tracking identifier and UID (TID 4108), the diagnosis as the coded "Finding" (DCM 121071),
+the finding site (SNOMED CT, the level coded), TID 4019 algorithm identification, the probability of abnormality
+and the localisation confidence as NUM measurements in percent (UCUM "%"), each INFERRED FROM the structure's
+point (SCOORD POINT on the source image, TID 300 / TID 320), and a Comment (DCM 121106) with the label a person
+reads ("L4-L5 disc: protrusion, 87 %").
 
-Why two groups: OHIF 3.x (Cornerstone3D adapters) re-opens a group as a tracked Probe annotation when the
-tracking identifier is one of its own ("Cornerstone3DTools@^0.1.0:Probe") or, for any other identifier, when
-the group holds a single-point SCOORD POINT at its top level, which only TID 1410 allows; it then reads the
-point from the group's first NUM's INFERRED FROM SCOORD if the group has a NUM, which TID 1410 forbids (TID
-1419 has no INFERRED FROM row). A TID 1410 group without NUMs is read from its Image Region, with the Comment
-as the annotation's label; OHIF skips the TID 1501 group when hydrating (no top-level SCOORD) and shows its
-numbers beside the point in its SR view, where groups are merged by tracking UID.
+Why this layout (OHIF 3.13, Cornerstone3D adapters 5.6; docs/conformance.md 5.1 has the source lines):
+
+- The tracking identifier is `Cornerstone3DTools@^0.1.0:ArrowAnnotate:<level>`. The adapters choose the tool a
+  group opens as from the identifier's prefix; for any other identifier they fall back to the graphic type, and a
+  point then opens as a Probe, which draws the pixel index and value on the image, not the label. An
+  ArrowAnnotate draws the label (taken from the Comment) beside an arrow to the point, and cornerstone moves
+  labels apart when they would cover each other. The level after the prefix keeps the identifier unique per
+  structure, as DCM 112039 asks; the level is also in the Comment and coded as the finding site.
+- No top-level SCOORD (no TID 1410 region group): before the measurements are tracked, OHIF's SR view prints
+  the finding site of a group with a top-level SCOORD as "363698007: <site>"; without one it prints the Comment
+  and the numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from worker.results import _common, codes
 from worker.results.findings import AnalysisResult, StructureFinding
 
 PERCENT_DECIMALS: Final = 1
-_Group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+# The tracking identifier prefix that makes OHIF open a group as a labelled arrow (module docstring).
+OHIF_ARROW_PREFIX: Final = "Cornerstone3DTools@^0.1.0:ArrowAnnotate"
 
 
 def _algorithm_identification(result: AnalysisResult) -> hd.sr.AlgorithmIdentification:
@@ -71,44 +72,23 @@ def _point(finding: StructureFinding) -> np.ndarray:
     return np.array([finding.point_px], dtype=np.float64)
 
 
+def tracking_identifier(finding: StructureFinding) -> str:
+    """The structure's tracking identifier, e.g. 'Cornerstone3DTools@^0.1.0:ArrowAnnotate:L4-L5'."""
+    return f"{OHIF_ARROW_PREFIX}:{finding.name}"
+
+
 def _tracking(result: AnalysisResult, finding: StructureFinding) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(uid=_common.tracking_uid(result, finding), identifier=finding.name)
+    return hd.sr.TrackingIdentifier(uid=_common.tracking_uid(result, finding), identifier=tracking_identifier(finding))
 
 
 def _finding_sites(finding: StructureFinding) -> list[hd.sr.FindingSite]:
     return [hd.sr.FindingSite(anatomic_location=codes.STRUCTURE_SITES[finding.name])]
 
 
-def _region_group(
-    result: AnalysisResult, source: Dataset, finding: StructureFinding
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410: where the structure is, what it is, and the label; no NUM (see the module docstring)."""
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POINT,
-        graphic_data=_point(finding),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
-    )
-    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(result, finding),
-        referenced_region=region,
-        finding_type=codes.DIAGNOSES[(finding.kind, finding.label)],
-        finding_sites=_finding_sites(finding),
-        algorithm_id=_algorithm_identification(result),
-    )
-    group[0].ContentSequence.append(
-        hd.sr.TextContentItem(
-            name=codes.COMMENT,
-            value=finding.text,
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-    )
-    return group
-
-
 def _measurement_group(
     result: AnalysisResult, source: Dataset, finding: StructureFinding
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501: the numbers, each inferred from the structure's point."""
+    """TID 1501: what the structure is, the numbers (each inferred from its point) and the label."""
     coordinates = [
         hd.sr.CoordinatesForMeasurement(
             graphic_type=hd.sr.GraphicTypeValues.POINT,
@@ -130,13 +110,21 @@ def _measurement_group(
             referenced_coordinates=coordinates,
         ),
     ]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(result, finding),
         finding_type=codes.DIAGNOSES[(finding.kind, finding.label)],
         finding_sites=_finding_sites(finding),
         algorithm_id=_algorithm_identification(result),
         measurements=measurements,
     )
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.COMMENT,
+            value=finding.text,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
 
 
 def build_sr(
@@ -156,9 +144,7 @@ def build_sr(
     instance_uid = _common.new_uid(sop_instance_uid, "sop_instance_uid")
     source = _common.working_source(result)
 
-    groups: list[_Group] = []
-    for finding in result.findings:
-        groups += [_region_group(result, source, finding), _measurement_group(result, source, finding)]
+    groups = [_measurement_group(result, source, finding) for finding in result.findings]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result),
         procedure_reported=codes.PROCEDURE_REPORTED,
