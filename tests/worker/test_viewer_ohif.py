@@ -3,7 +3,8 @@ the segmentation), the results go back to Orthanc, and the pinned OHIF release o
 DICOMweb in headless Chromium, configured as a site would (OHIF's defaults for tracking and prompts). The SR must
 first show, in OHIF's SR view, each level's label and numbers with no code values; then, tracked, 11 labelled
 arrows on the points it states whose text boxes carry the labels in words and do not overlap; the SEG must load
-as 11 named segments; the key image as a still. Screenshots go to test-artifacts/ohif/."""
+as 11 named segments; the key image as a still. Screenshots go to test-artifacts/ohif/ (seg-segments.png, the
+labelled arrows with the SEG, is docs/images/ohif-sr-points-and-seg.png)."""
 
 from __future__ import annotations
 
@@ -171,86 +172,85 @@ def _wait_for_boxes(page: Any, uids: set[str], timeout: float) -> list[dict[str,
 
 
 def _check_viewer(page: Any, server: OhifServer, study_uid: str, stated: dict[str, dict[str, Any]]) -> None:
-    if True:
-        page.open(f"{server.url}/app-config.js")
-        page.evaluate("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])); true")
-        page.open(f"{server.url}/viewer?StudyInstanceUIDs={study_uid}")
-        page.wait_for("window.services && window.services.displaySetService.getActiveDisplaySets()"
-                      ".filter(d => ['SR', 'SEG'].includes(d.Modality)).length === 2", timeout=120)
-        # The hung image is on screen before the SR replaces it (as a reader would click it).
-        page.wait_for("""(() => { const s = window.services;
-          const vp = s.cornerstoneViewportService.getCornerstoneViewport(s.viewportGridService.getActiveViewportId());
-          return !!(vp && vp.getCurrentImageId && vp.getCurrentImageId()); })()""", timeout=90)
+    page.open(f"{server.url}/app-config.js")
+    page.evaluate("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])); true")
+    page.open(f"{server.url}/viewer?StudyInstanceUIDs={study_uid}")
+    page.wait_for("window.services && window.services.displaySetService.getActiveDisplaySets()"
+                  ".filter(d => ['SR', 'SEG'].includes(d.Modality)).length === 2", timeout=120)
+    # The hung image is on screen before the SR replaces it (as a reader would click it).
+    page.wait_for("""(() => { const s = window.services;
+      const vp = s.cornerstoneViewportService.getCornerstoneViewport(s.viewportGridService.getActiveViewportId());
+      return !!(vp && vp.getCurrentImageId && vp.getCurrentImageId()); })()""", timeout=90)
 
-        # The SR as OHIF opens it by default: its SR view (DICOMSRDisplayTool) draws each group's point with the
-        # Comment and the numbers, and asks whether to track the measurements.
-        sr_uids = {group["uid"] for group in stated.values()}
-        page.evaluate(_show("d.Modality === 'SR'"))
-        page.wait_for(f"{YES} !== null", timeout=90)
-        before = _wait_for_boxes(page, sr_uids, timeout=60)
-        page.screenshot(SHOTS / "sr-view-before-tracking.png")
-        by_uid = {group["uid"]: group for group in stated.values()}
-        for box in before:
-            group = by_uid[box["uid"]]
-            # What OHIF 3.13 prints: the Comment as "<text>: " (it appends ": " to every line), then each number
-            # to 2 decimals with its unit's code value; no finding-site code (the group has no top-level SCOORD).
-            assert box["lines"] == [f"{group['label']}: "] + [f"{name}: {value:.2f} %" for name, value
-                                                                 in group["numbers"]], box
-            assert RAW_CODE.search(box["text"]) is None, box
-        (SHOTS / "sr-view-before-tracking.json").write_text(json.dumps({"boxes": before,
-                                                                         "overlaps": _overlaps(before)}, indent=1))
+    # The SR as OHIF opens it by default: its SR view (DICOMSRDisplayTool) draws each group's point with the
+    # Comment and the numbers, and asks whether to track the measurements.
+    sr_uids = {group["uid"] for group in stated.values()}
+    page.evaluate(_show("d.Modality === 'SR'"))
+    page.wait_for(f"{YES} !== null", timeout=90)
+    before = _wait_for_boxes(page, sr_uids, timeout=60)
+    page.screenshot(SHOTS / "sr-view-before-tracking.png")
+    by_uid = {group["uid"]: group for group in stated.values()}
+    for box in before:
+        group = by_uid[box["uid"]]
+        # What OHIF 3.13 prints: the Comment as "<text>: " (it appends ": " to every line), then each number
+        # to 2 decimals with its unit's code value; no finding-site code (the group has no top-level SCOORD).
+        assert box["lines"] == [f"{group['label']}: "] + [f"{name}: {value:.2f} %" for name, value
+                                                             in group["numbers"]], box
+        assert RAW_CODE.search(box["text"]) is None, box
+    (SHOTS / "sr-view-before-tracking.json").write_text(json.dumps({"boxes": before,
+                                                                     "overlaps": _overlaps(before)}, indent=1))
 
-        # Yes: OHIF tracks the 11 groups as labelled arrows on the analysed slice.
-        page.evaluate(f"{YES}.click(); true")
-        page.wait_for("window.services.measurementService.getMeasurements().length >= 11", timeout=90)
-        measurements = page.evaluate(MEASUREMENTS_JS)
-        assert len(measurements) == 11, json.dumps(measurements)
-        assert {m["tool"] for m in measurements} == {"ArrowAnnotate"}
-        by_level = {}
-        for measurement in measurements:
-            label = measurement["label"] or ""
-            match = LABEL.match(label)
-            assert match is not None and RAW_CODE.search(label) is None, label
-            by_level[match["level"]] = measurement
-        assert sorted(by_level) == sorted(STRUCTURES)
-        for level, measurement in by_level.items():
-            assert measurement["label"] == stated[level]["label"]
-            dx = measurement["image"][0] - stated[level]["point"][0]
-            dy = measurement["image"][1] - stated[level]["point"][1]
-            assert (dx * dx + dy * dy) ** 0.5 <= 1.0, (level, measurement["image"], stated[level]["point"])
-        # On the image: one text box per arrow, its text the label (level and finding in words, the percent),
-        # and no two boxes cover each other.
-        boxes = _wait_for_boxes(page, {m["uid"] for m in measurements}, timeout=60)
-        page.screenshot(SHOTS / "sr-tracked-measurements.png")
-        label_of = {m["uid"]: m["label"] for m in measurements}
-        for box in boxes:
-            assert box["lines"] == [label_of[box["uid"]]], box
-            assert box["right"] - box["left"] > 0 and box["bottom"] - box["top"] > 0, box
-        assert _overlaps(boxes) == [], boxes
+    # Yes: OHIF tracks the 11 groups as labelled arrows on the analysed slice.
+    page.evaluate(f"{YES}.click(); true")
+    page.wait_for("window.services.measurementService.getMeasurements().length >= 11", timeout=90)
+    measurements = page.evaluate(MEASUREMENTS_JS)
+    assert len(measurements) == 11, json.dumps(measurements)
+    assert {m["tool"] for m in measurements} == {"ArrowAnnotate"}
+    by_level = {}
+    for measurement in measurements:
+        label = measurement["label"] or ""
+        match = LABEL.match(label)
+        assert match is not None and RAW_CODE.search(label) is None, label
+        by_level[match["level"]] = measurement
+    assert sorted(by_level) == sorted(STRUCTURES)
+    for level, measurement in by_level.items():
+        assert measurement["label"] == stated[level]["label"]
+        dx = measurement["image"][0] - stated[level]["point"][0]
+        dy = measurement["image"][1] - stated[level]["point"][1]
+        assert (dx * dx + dy * dy) ** 0.5 <= 1.0, (level, measurement["image"], stated[level]["point"])
+    # On the image: one text box per arrow, its text the label (level and finding in words, the percent),
+    # and no two boxes cover each other.
+    boxes = _wait_for_boxes(page, {m["uid"] for m in measurements}, timeout=60)
+    page.screenshot(SHOTS / "sr-tracked-measurements.png")
+    label_of = {m["uid"]: m["label"] for m in measurements}
+    for box in boxes:
+        assert box["lines"] == [label_of[box["uid"]]], box
+        assert box["right"] - box["left"] > 0 and box["bottom"] - box["top"] > 0, box
+    assert _overlaps(boxes) == [], boxes
 
-        # The SEG: 11 segments, each named after its structure (Yes to OHIF's "open this segmentation?").
-        page.evaluate(_show("d.Modality === 'SEG'"))
-        page.wait_for(f"{YES} !== null && ({YES}.click(), true)", timeout=90)
-        segments = page.wait_for("""(() => {
-          const all = window.services.segmentationService.getSegmentations();
-          const segs = all.flatMap(s => Object.values(s.segments || {}).filter(Boolean).map(x => x.label));
-          return segs.length >= 11 ? segs : null; })()""", timeout=90)
-        page.screenshot(SHOTS / "seg-segments.png")
-        assert sorted(segments) == sorted(STRUCTURES) or all(
-            any(level in label for label in segments) for level in STRUCTURES), segments
+    # The SEG: 11 segments, each named after its structure (Yes to OHIF's "open this segmentation?").
+    page.evaluate(_show("d.Modality === 'SEG'"))
+    page.wait_for(f"{YES} !== null && ({YES}.click(), true)", timeout=90)
+    segments = page.wait_for("""(() => {
+      const all = window.services.segmentationService.getSegmentations();
+      const segs = all.flatMap(s => Object.values(s.segments || {}).filter(Boolean).map(x => x.label));
+      return segs.length >= 11 ? segs : null; })()""", timeout=90)
+    page.screenshot(SHOTS / "seg-segments.png")
+    assert sorted(segments) == sorted(STRUCTURES) or all(
+        any(level in label for label in segments) for level in STRUCTURES), segments
 
-        # The key image: one still frame, no cine playback.
-        key = page.evaluate(_show("d.SeriesDescription === 'CCF-Net Key Image'"))
-        page.wait_for(f"""(() => {{ const ds = window.services.displaySetService.getDisplaySetByUID('{key}');
-          const vp = window.services.cornerstoneViewportService.getCornerstoneViewport(
-            window.services.viewportGridService.getActiveViewportId());
-          return vp && vp.getCurrentImageId && vp.getCurrentImageId() !== undefined; }})()""", timeout=60)
-        still = page.evaluate(f"""(() => {{
-          const ds = window.services.displaySetService.getDisplaySetByUID('{key}');
-          const cine = window.services.cineService.getState();
-          const playing = Object.values(cine.cines || {{}}).some(c => c && c.isPlaying);
-          return {{frames: ds.numImageFrames ?? ds.images?.length, multiframe: !!ds.isMultiFrame,
-                   dynamic: !!ds.isDynamicVolume, cineEnabled: !!cine.isCineEnabled, playing}}; }})()""")
-        page.screenshot(SHOTS / "key-image.png")
-        assert still == {"frames": 1, "multiframe": False, "dynamic": False, "cineEnabled": False,
-                         "playing": False}, still
+    # The key image: one still frame, no cine playback.
+    key = page.evaluate(_show("d.SeriesDescription === 'CCF-Net Key Image'"))
+    page.wait_for(f"""(() => {{ const ds = window.services.displaySetService.getDisplaySetByUID('{key}');
+      const vp = window.services.cornerstoneViewportService.getCornerstoneViewport(
+        window.services.viewportGridService.getActiveViewportId());
+      return vp && vp.getCurrentImageId && vp.getCurrentImageId() !== undefined; }})()""", timeout=60)
+    still = page.evaluate(f"""(() => {{
+      const ds = window.services.displaySetService.getDisplaySetByUID('{key}');
+      const cine = window.services.cineService.getState();
+      const playing = Object.values(cine.cines || {{}}).some(c => c && c.isPlaying);
+      return {{frames: ds.numImageFrames ?? ds.images?.length, multiframe: !!ds.isMultiFrame,
+               dynamic: !!ds.isDynamicVolume, cineEnabled: !!cine.isCineEnabled, playing}}; }})()""")
+    page.screenshot(SHOTS / "key-image.png")
+    assert still == {"frames": 1, "multiframe": False, "dynamic": False, "cineEnabled": False,
+                     "playing": False}, still
