@@ -129,6 +129,8 @@ class Settings(BaseSettings):
     allowed_peer_addresses: Annotated[list[IpNetwork], NoDecode] = Field(default_factory=list)
     extra_storage_sop_classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1)
+    # One address may hold at most this many of them, so one faulty device cannot take every slot.
+    max_associations_per_peer: int = Field(default=8, ge=1)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
     tls_cert: OptionalPath = None
     tls_key: OptionalPath = None

@@ -60,11 +60,12 @@ def _counts(by_state: dict[str, int]) -> str:
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Queue depth, paused queues, jobs by state, oldest waiting study and job, throughput, failures, dead
     exports."""
-    from worker.ops.status import age_text, collect_status
+    from worker.ops.status import age_text, association_status, collect_status
     from worker.timeutil import utcnow
 
     with _database() as (settings, sessions), sessions() as session:
-        report = collect_status(settings, session, utcnow())
+        now = utcnow()
+        report = collect_status(settings, session, now) | association_status(session, now)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -79,6 +80,11 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
                + f"; oldest queued job {age_text(report['oldest_queued_job_seconds'])}")
     hour = report["throughput_last_hour"]
     typer.echo(f"last hour: {hour['succeeded']} succeeded, {hour['failed']} failed")
+    open_assocs = report["associations_open"]
+    typer.echo(f"dicom:    {len(open_assocs)} open association(s)"
+               + "".join(f"; {a['calling_ae']}@{a['peer']} {age_text(a['seconds'])}" for a in open_assocs[:5]))
+    if report["associations_refused_last_hour"]:
+        typer.echo("refused/aborted last hour: " + _counts(report["associations_refused_last_hour"]))
     typer.echo("exports:  " + _counts(report["exports_by_state"]))
     for failure in report["recent_failures"][:5]:
         typer.echo(f"  failed job {failure['job']}: {failure['reason']}")

@@ -74,7 +74,7 @@ def record_association(
         state=state.value,
         reject_reason=reject_reason,
         started_at=now,
-        ended_at=now if state is AssociationState.REJECTED else None,
+        ended_at=None if state is AssociationState.ACCEPTED else now,
         instances_stored=0,
         instances_failed=0,
     )
@@ -91,12 +91,39 @@ def end_association(
     stored: int,
     failed: int,
     now: dt.datetime,
+    reason: str | None = None,
 ) -> None:
+    """Close an association's row; `reason` says why an aborted one ended (kept in ``reject_reason``)."""
     session.execute(
         update(Association)
         .where(Association.id == association_id)
-        .values(state=state.value, ended_at=now, instances_stored=stored, instances_failed=failed)
+        .values(
+            state=state.value, ended_at=now, instances_stored=stored, instances_failed=failed, reject_reason=reason
+        )
     )
+
+
+def open_associations(session: Session) -> Sequence[Association]:
+    """Associations accepted and not yet ended, oldest first."""
+    return session.scalars(
+        select(Association)
+        .where(Association.state == AssociationState.ACCEPTED.value, Association.ended_at.is_(None))
+        .order_by(Association.started_at)
+    ).all()
+
+
+def refused_association_counts(session: Session, since: dt.datetime) -> dict[str, int]:
+    """Rejected connections and associations aborted with a reason since `since`, by ``state:reason``."""
+    rows = session.execute(
+        select(Association.state, Association.reject_reason, func.count(Association.id))
+        .where(
+            Association.started_at >= since,
+            Association.state.in_([AssociationState.REJECTED.value, AssociationState.ABORTED.value]),
+            Association.reject_reason.is_not(None),
+        )
+        .group_by(Association.state, Association.reject_reason)
+    ).all()
+    return {f"{state}:{reason}": int(count) for state, reason, count in rows}
 
 
 # Instances ------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.db import repository as repo
 from worker.db.models import AssociationState
+from worker.listener.network import transport_problem
 from worker.listener.status import EchoStatus, RejectReason, StoreStatus
 from worker.ops import metrics
 from worker.settings import IpNetwork
@@ -152,7 +153,7 @@ def handle_established(event: Event, ctx: IntakeContext) -> None:
     log.info("association %s accepted from %r at %s", tally.association_id, rec.calling_ae, rec.peer_address)
 
 
-def _handle_end(event: Event, ctx: IntakeContext, state: AssociationState) -> None:
+def _handle_end(event: Event, ctx: IntakeContext, state: AssociationState, reason: str | None = None) -> None:
     tally = ctx.forget(event.assoc)
     if tally is None or tally.association_id is None:
         return
@@ -165,13 +166,17 @@ def _handle_end(event: Event, ctx: IntakeContext, state: AssociationState) -> No
                 stored=tally.stored,
                 failed=tally.failed,
                 now=ctx.clock(),
+                reason=reason,
             )
     except SQLAlchemyError:
         log.exception("could not record the end of association %s", tally.association_id)
-    log.info(
-        "association %s %s: %d stored, %d failed",
+    log.log(
+        logging.WARNING if reason else logging.INFO,
+        "association %s from %s %s%s: %d stored, %d failed",
         tally.association_id,
+        tally.peer_address,
         state.value,
+        f" ({reason})" if reason else "",
         tally.stored,
         tally.failed,
     )
@@ -182,7 +187,14 @@ def handle_released(event: Event, ctx: IntakeContext) -> None:
 
 
 def handle_aborted(event: Event, ctx: IntakeContext) -> None:
-    _handle_end(event, ctx, AssociationState.ABORTED)
+    """EVT_ABORTED: by the peer, or by us when it stalled (a read past its deadline, or idle too long:
+    both are the network timeout)."""
+    reason = transport_problem(event.assoc)
+    if reason is None and event.assoc.dul.idle_timer_expired():
+        reason = "network_timeout"
+    if reason is not None:
+        metrics.association("aborted", reason)  # metrics hook
+    _handle_end(event, ctx, AssociationState.ABORTED, reason)
 
 
 def handle_echo(event: Event, ctx: IntakeContext) -> EchoStatus:
