@@ -154,11 +154,18 @@ def find_instance_path(session: Session, sop_instance_uid: str) -> str | None:
     return session.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
-def record_instance(session: Session, rec: InstanceRecord, *, now: dt.datetime) -> RecordedInstance:
+class ConflictingInstanceError(ValueError):
+    """The SOP Instance UID is already recorded in another study or series."""
+
+
+def record_instance(
+    session: Session, rec: InstanceRecord, *, now: dt.datetime, move: bool = False
+) -> RecordedInstance:
     """Upsert study, series and instance; any arrival (re)opens the study and restarts its quiet period.
 
     The study row is written first so that a concurrent sweeper either sees this arrival or has already
-    assembled the study, in which case this arrival reopens it.
+    assembled the study, in which case this arrival reopens it. An instance already recorded at another
+    path (another study or series) raises :class:`ConflictingInstanceError` unless `move`.
     """
     stmt = _insert(session, Study).values(
         study_instance_uid=rec.study_instance_uid,
@@ -204,8 +211,12 @@ def record_instance(session: Session, rec: InstanceRecord, *, now: dt.datetime) 
     stmt = stmt.on_conflict_do_update(
         index_elements=[Instance.sop_instance_uid],
         set_={**update_values, "receive_count": Instance.receive_count + 1},
+        where=None if move else Instance.path == stmt.excluded.path,
     ).returning(Instance.id, Instance.receive_count)
-    instance_id, receive_count = session.execute(stmt).one()
+    row = session.execute(stmt).one_or_none()
+    if row is None:
+        raise ConflictingInstanceError("SOP Instance UID already recorded in another study or series")
+    instance_id, receive_count = row
     return RecordedInstance(instance_id=instance_id, study_id=study_id, receive_count=receive_count)
 
 

@@ -23,8 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.db import repository as repo
 from worker.db.models import AssociationState
+from worker.listener import validation
 from worker.listener.network import transport_problem
-from worker.listener.status import EchoStatus, RejectReason, StoreStatus
+from worker.listener.status import EchoStatus, RejectReason, StoreStatus, store_response
 from worker.ops import metrics
 from worker.settings import IpNetwork
 from worker.spool import InvalidUIDError, LowDiskError, Spool, validate_uid
@@ -206,8 +207,6 @@ class TruncatedDatasetError(ValueError):
 
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-# Image SOP classes whose Pixel Data is Type 1: a dataset cut off before it is refused.
-_PIXEL_DATA_REQUIRED = frozenset({"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"})
 
 
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
@@ -242,15 +241,16 @@ def _optional_int(value: Any) -> int | None:
         return None
 
 
-def handle_store(event: Event, ctx: IntakeContext) -> StoreStatus:
-    """EVT_C_STORE: validate, write durably, record, and only then report success."""
+def handle_store(event: Event, ctx: IntakeContext) -> StoreStatus | Dataset:
+    """EVT_C_STORE: validate, write durably, record, and only then report success (a failure goes with an
+    Error Comment naming the problem)."""
     tally = ctx.tally(event.assoc)
     status = _store(event, ctx, tally)
     if status is StoreStatus.SUCCESS:
         tally.stored += 1
-    else:
-        tally.failed += 1
-    return status
+        return status
+    tally.failed += 1
+    return store_response(status)
 
 
 def _store(event: Event, ctx: IntakeContext, tally: _Tally) -> StoreStatus:
@@ -264,7 +264,10 @@ def _store(event: Event, ctx: IntakeContext, tally: _Tally) -> StoreStatus:
 
     try:
         encoded = event.encoded_dataset(include_meta=False)
+        if not encoded:
+            raise TruncatedDatasetError("an empty data set")
         dataset = event.dataset
+        validation.note_received_encoding(dataset, encoded, event.context.transfer_syntax)
         _parse_fully(dataset, encoded)
     except Exception:  # pydicom raises many types for malformed input; this is the DIMSE edge
         log.warning("instance %s: dataset could not be decoded", affected_sop, exc_info=True)
@@ -298,10 +301,18 @@ class Sender:
 
 
 def persist_instance(
-    ctx: IntakeContext, dataset: Dataset, data: bytes, transfer_syntax_uid: str, sender: Sender
+    ctx: IntakeContext,
+    dataset: Dataset,
+    data: bytes,
+    transfer_syntax_uid: str,
+    sender: Sender,
+    *,
+    replace_different: bool = False,
 ) -> StoreStatus:
     """The part of storing every intake path shares (C-STORE and STOW-RS): UIDs checked before they become
-    path parts, durable write, database row committed, and only then success. Nothing half-done stays."""
+    path parts, the image checked against its attributes, durable write, database row committed, and only
+    then success. Nothing half-done stays. A SOP Instance UID already stored with other pixels (or in another
+    series) is refused, unless `replace_different` (a pull from the PACS, the source of truth)."""
     try:
         study_uid = validate_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
@@ -312,11 +323,17 @@ def persist_instance(
         log.warning("instance refused: %s", exc)
         return StoreStatus.INVALID_UID
 
-    if sop_class in _PIXEL_DATA_REQUIRED and "PixelData" not in dataset:
-        log.warning("instance %s refused: an image without Pixel Data (truncated?)", sop_uid)
-        return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    problem = validation.check_instance(dataset, transfer_syntax_uid, sop_class)
+    if problem is not None:
+        log.warning("instance %s refused (%04X): %s", sop_uid, problem.status, problem.detail)
+        return problem.status
 
     existed = paths.final.exists()
+    if existed and not replace_different:
+        difference = validation.differs_from_stored(paths.final, dataset, transfer_syntax_uid)
+        if difference is not None:
+            log.warning("instance %s refused: %s", sop_uid, difference)
+            return StoreStatus.CONFLICTING_DUPLICATE
     try:
         size = ctx.spool.write(paths, data)
     except LowDiskError:
@@ -342,7 +359,12 @@ def persist_instance(
     )
     try:
         with ctx.sessions.begin() as session:
-            repo.record_instance(session, record, now=ctx.clock())
+            repo.record_instance(session, record, now=ctx.clock(), move=replace_different)
+    except repo.ConflictingInstanceError as exc:
+        log.warning("instance %s refused: %s", sop_uid, exc)
+        if not existed:
+            ctx.spool.remove(paths)
+        return StoreStatus.CONFLICTING_DUPLICATE
     except Exception:  # the database is down or refused: the sender must retry; nothing half-recorded stays
         log.exception("instance %s: database commit failed", sop_uid)
         if not existed:

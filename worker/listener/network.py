@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from worker.listener.status import RejectReason
+
 if TYPE_CHECKING:
     from pynetdicom.ae import ApplicationEntity
     from pynetdicom.association import Association
@@ -40,9 +42,8 @@ log = logging.getLogger("worker.listener")
 # offer, and an A-ASSOCIATE-RQ with every context and syntax a modality knows stays well under 1 MiB.
 MAX_PDU_READ_BYTES = 4 * 1024 * 1024
 _CHUNK = 65_536
-# A-ASSOCIATE-RJ: type 03, reserved, length 4, reserved, result 2 (rejected-transient), source 3 (service
-# provider, presentation related), reason 2 (local-limit-exceeded). PS3.8 9.3.4.
-LIMIT_REJECT_PDU = bytes((0x03, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x02, 0x03, 0x02))
+# A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 03, reserved, length 4, reserved, then result, source, reason.
+LIMIT_REJECT_PDU = bytes((0x03, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, *RejectReason.LOCAL_LIMIT_EXCEEDED.value))
 _DRAIN_SECONDS = 1.0
 
 

@@ -22,6 +22,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    RLELossless,
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
@@ -33,7 +34,7 @@ from worker.settings import Settings
 
 log = logging.getLogger("worker.listener")
 
-# Uncompressed, deflate, and the compressed syntaxes that pylibjpeg / GDCM can decode later.
+# Uncompressed, deflate, and the compressed syntaxes that pylibjpeg / GDCM / pydicom (RLE) can decode.
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -46,6 +47,7 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     JPEGLSNearLossless,
     JPEG2000Lossless,
     JPEG2000,
+    RLELossless,
 )
 STORAGE_SOP_CLASSES: tuple[UID, ...] = (UID(MRImageStorage), UID(EnhancedMRImageStorage))
 MAX_PDU_BYTES = 262_144
