@@ -40,7 +40,7 @@ from worker.service import Service
 pytestmark = pytest.mark.services
 
 TIMEOUT = 3.0  # CCFNET_NETWORK_TIMEOUT_SECONDS in these tests
-MAX = 2  # CCFNET_MAX_ASSOCIATIONS
+MAX = 3  # CCFNET_MAX_ASSOCIATIONS
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
@@ -101,6 +101,16 @@ def stall_in_p_data(port: int) -> socket.socket:
     return sock
 
 
+def stall_in_release(port: int) -> socket.socket:
+    """Associate for real, then send 6 of the 10 bytes of an A-RELEASE-RQ."""
+    sock = _connect(port)
+    sock.sendall(association_rq())
+    kind, _ = _read_pdu(sock)
+    assert kind == 0x02, "association not accepted"
+    sock.sendall(struct.pack(">BBI", 0x05, 0, 4))
+    return sock
+
+
 def closed_by_server(sock: socket.socket) -> bool:
     """True once the server has closed the connection (whatever it sent before)."""
     sock.settimeout(0.05)
@@ -156,14 +166,17 @@ def test_stalled_peers_lose_their_slots_and_storescu_gets_through(
 
     started = time.monotonic()
     in_p_data = stall_in_p_data(service.port)
-    in_request = stall_in_request(service.port)  # both slots now held by stalled peers
+    in_release = stall_in_release(service.port)
+    in_request = stall_in_request(service.port)  # every slot now held by a stalled peer
+    held = [in_p_data, in_release, in_request]
     over_limit = [stall_in_request(service.port), stall_in_p_data_refused(service.port)]
-    over_limit += [stall_in_request(service.port) for _ in range(2 * MAX - 4)]
-    stalled = [in_p_data, in_request, *over_limit]
+    over_limit += [stall_in_request(service.port) for _ in range(2 * MAX - len(held) - 2)]
+    stalled = [*held, *over_limit]
     assert len(stalled) == 2 * MAX
 
-    # While they stall, the one that associated is an open association.
-    wait_for(lambda: [a.state for a in _associations(service) if a.state == "accepted"] == ["accepted"], timeout=2)
+    # While they stall, the two that associated are open associations.
+    wait_for(lambda: [a.state for a in _associations(service) if a.state == "accepted"] == ["accepted"] * 2,
+             timeout=2)
 
     # A normal send: refused while the slots are held, through once the stalled peers are dropped.
     wait_for(lambda: storescu(service.port, image).returncode == 0, timeout=TIMEOUT + 5, interval=0.2)
@@ -183,22 +196,22 @@ def test_stalled_peers_lose_their_slots_and_storescu_gets_through(
     assert status.exit_code == 0, status.output
     report = json.loads(status.output)
     assert report["associations_open"] == []
-    assert report["associations_refused_last_hour"]["aborted:network_timeout"] == 2
-    assert report["associations_refused_last_hour"]["rejected:local_limit_exceeded"] >= 2 * MAX - 2
+    assert report["associations_refused_last_hour"]["aborted:network_timeout"] == len(held)
+    assert report["associations_refused_last_hour"]["rejected:local_limit_exceeded"] >= len(over_limit)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     for sock in stalled:
         port = sock.getsockname()[1]
         assert any(f"127.0.0.1:{port}" in w for w in warnings), (port, warnings)
-    for sock in (in_p_data, in_request):
+    for sock in held:
         port = sock.getsockname()[1]
         assert any(f"127.0.0.1:{port}" in w and "network timeout" in w.lower() for w in warnings), port
 
     rows = _associations(service)
     aborted = [(a.state, a.reject_reason) for a in rows if a.state == "aborted"]
-    assert aborted == [("aborted", "network_timeout")] * 2
+    assert aborted == [("aborted", "network_timeout")] * len(held)
     assert all(a.peer_address == "127.0.0.1" and a.ended_at is not None for a in rows if a.state != "released")
-    assert _counter("aborted", "network_timeout") - timeouts_before == 2
-    assert _counter("rejected", "local_limit_exceeded") - limit_before >= 2 * MAX - 2
+    assert _counter("aborted", "network_timeout") - timeouts_before == len(held)
+    assert _counter("rejected", "local_limit_exceeded") - limit_before >= len(over_limit)
     for sock in stalled:
         sock.close()
 
