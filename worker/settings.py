@@ -142,6 +142,8 @@ class Settings(BaseSettings):
 
     # DICOMweb intake (STOW-RS): sender name -> bearer token; none configured = the endpoint refuses all.
     stow_senders: dict[str, SecretStr] = Field(default_factory=dict)
+    # A STOW-RS request body over this many MiB is refused (413) as soon as it passes it.
+    stow_max_request_mb: int = Field(default=512, ge=1)
 
     # Storage
     data_dir: Path = DEFAULT_DATA_DIR  # set but empty: this default, like the optional paths

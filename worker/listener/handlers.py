@@ -13,7 +13,6 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
@@ -26,6 +25,8 @@ from worker.db.models import AssociationState
 from worker.listener import validation
 from worker.listener.network import transport_problem
 from worker.listener.status import EchoStatus, RejectReason, StoreStatus, store_response
+from worker.listener.validation import TruncatedDatasetError
+from worker.listener.validation import parse_fully as _parse_fully
 from worker.ops import metrics
 from worker.settings import IpNetwork
 from worker.spool import InvalidUIDError, LowDiskError, Spool, validate_uid
@@ -202,38 +203,6 @@ def handle_echo(event: Event, ctx: IntakeContext) -> EchoStatus:
     return EchoStatus.SUCCESS
 
 
-class TruncatedDatasetError(ValueError):
-    """An element declares more bytes than the stream holds."""
-
-
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
-
-
-def _parse_fully(dataset: Dataset, stream: bytes | None = None) -> None:
-    """Decode every element, so a truncated or garbled dataset fails here rather than in a worker later.
-
-    pydicom defers parsing and tolerates short reads (it returns fewer bytes, or warns when a delimiter is
-    missing), so lengths are checked against the stream: ``stream`` is the encoded top-level dataset.
-    """
-    for tag in list(dataset.keys()):
-        raw = dataset.get_item(tag)
-        if isinstance(raw, RawDataElement):
-            value_length = len(raw.value or b"")
-            if raw.length != _UNDEFINED_LENGTH and value_length != raw.length:
-                raise TruncatedDatasetError(f"element {tag} is shorter than its declared length")
-            if raw.length == _UNDEFINED_LENGTH and stream is not None and raw.value_tell is not None:
-                end = raw.value_tell + value_length
-                if stream[end : end + len(_SEQUENCE_DELIMITER)] != _SEQUENCE_DELIMITER:
-                    raise TruncatedDatasetError(f"element {tag} ends without its sequence delimiter")
-        element = dataset[tag]
-        if element.VR == "SQ":
-            for item in element.value:
-                _parse_fully(item)
-
-
 def _optional_int(value: Any) -> int | None:
     try:
         return int(value) if value not in (None, "") else None
@@ -267,7 +236,7 @@ def _store(event: Event, ctx: IntakeContext, tally: _Tally) -> StoreStatus:
         if not encoded:
             raise TruncatedDatasetError("an empty data set")
         dataset = event.dataset
-        validation.note_received_encoding(dataset, encoded, event.context.transfer_syntax)
+        validation.note_read_encoding(dataset)
         _parse_fully(dataset, encoded)
     except Exception:  # pydicom raises many types for malformed input; this is the DIMSE edge
         log.warning("instance %s: dataset could not be decoded", affected_sop, exc_info=True)

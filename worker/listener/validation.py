@@ -1,6 +1,7 @@
 """Checks of a received instance before it is stored, so a broken image fails at intake with a status that
 names the problem instead of being acknowledged and failing later in inference.
 
+- Every element is as long as it declares, sequences end with their delimiter (:func:`parse_fully`).
 - The data set was encoded as its transfer syntax says (explicit or implicit VR; Pixel Data encapsulated
   exactly when the syntax is a compressed one).
 - An image has Pixel Data and the Image Pixel attributes that describe it, each one value in range.
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -24,6 +26,38 @@ from worker.listener.status import StoreStatus
 PIXEL_DATA_REQUIRED = frozenset({"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"})
 _BITS_ALLOCATED = frozenset({1, 8, 16, 32, 64})
 _MAX_DIMENSION = 65_535
+
+
+class TruncatedDatasetError(ValueError):
+    """An element declares more bytes than the stream holds."""
+
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
+
+
+def parse_fully(dataset: Dataset, stream: bytes | None = None) -> None:
+    """Decode every element, so a truncated or garbled dataset fails here rather than in a worker later.
+
+    pydicom defers parsing and tolerates short reads (it returns fewer bytes, or warns when a delimiter is
+    missing), so lengths are checked against the stream: ``stream`` is the encoded top-level dataset.
+    """
+    for tag in list(dataset.keys()):
+        raw = dataset.get_item(tag)
+        if isinstance(raw, RawDataElement):
+            value_length = len(raw.value or b"")
+            if raw.length != _UNDEFINED_LENGTH and value_length != raw.length:
+                raise TruncatedDatasetError(f"element {tag} is shorter than its declared length")
+            if raw.length == _UNDEFINED_LENGTH and stream is not None and raw.value_tell is not None:
+                end = raw.value_tell + value_length
+                if stream[end : end + len(_SEQUENCE_DELIMITER)] != _SEQUENCE_DELIMITER:
+                    raise TruncatedDatasetError(f"element {tag} ends without its sequence delimiter")
+        element = dataset[tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                parse_fully(item)
 
 
 @dataclass(frozen=True)
@@ -53,15 +87,15 @@ def check_instance(dataset: Dataset, transfer_syntax_uid: str, sop_class_uid: st
     return _check_native_length(dataset, image)
 
 
-def note_received_encoding(dataset: Dataset, encoded: bytes, syntax: UID) -> None:
-    """Record how a received data set was really encoded (implicit or explicit VR, from its first element,
-    as pydicom tells them apart), which :func:`check_instance` compares with the transfer syntax.
-    pynetdicom marks a decoded C-STORE data set as encoded in the context's syntax whatever it found."""
-    if syntax.is_deflated or len(encoded) < 6:
-        return
-    vr = encoded[4:6]
-    implicit = not (0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B)
-    dataset.set_original_encoding(implicit, syntax.is_little_endian)
+def note_read_encoding(dataset: Dataset) -> None:
+    """Record how a data set was really encoded (implicit or explicit VR, as pydicom found when it read the
+    first element), which :func:`check_instance` compares with the transfer syntax. Call it before the
+    elements are decoded. Both pynetdicom (a C-STORE data set) and ``dcmread`` (a file) mark a data set as
+    encoded in its transfer syntax whatever they found."""
+    first = next(iter(dataset.keys()), None)  # the tags only: iterating a Dataset would decode its elements
+    raw = dataset.get_item(first) if first is not None else None
+    if isinstance(raw, RawDataElement):
+        dataset.set_original_encoding(raw.is_implicit_VR, raw.is_little_endian)
 
 
 def _check_encoding(dataset: Dataset, syntax: UID) -> Problem | None:
