@@ -293,7 +293,7 @@ def test_tls_does_not_bypass_the_calling_ae_allow_list(tls_service: ServiceFacto
     svc = tls_service(allowed_calling_aets="STORESCU")
     result = _echoscu(svc.port, _client_tls(pki, pki.client_cert, pki.client_key))
     assert result.returncode != 0, result.stdout + result.stderr
-    rows = _associations(svc)
+    rows = wait_for(_associations_of(svc), timeout=10)  # written just after the A-ASSOCIATE-RJ goes out
     assert [(a.calling_ae, a.tls, a.state) for a in rows] == [("ECHOSCU", True, "rejected")]
 
 
