@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -194,7 +195,7 @@ def _read(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         return ModelCard.from_dict(payload["card"]), payload["state_dict"]
-    except (RuntimeError, KeyError, TypeError, EOFError, OSError) as exc:
+    except (RuntimeError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{path}: not a ccfnet checkpoint ({exc})") from exc
 
 

@@ -131,6 +131,16 @@ class ModelIdentity:
         return _checkpoint_label(self.version, self.weights_sha256)
 
 
+def model_card_summary(path: Path) -> str:
+    """'CCF-Net R18-MSC 0.1.0@a97c0cb420a4, weights sha256 a97c...' read from the card alone (config check);
+    ValueError (CheckpointError) naming the file when it is not a ccfnet checkpoint."""
+    from ccfnet_core.checkpoint import read_card
+
+    card = read_card(path)
+    digest = card.weights_sha256 or "not recorded"
+    return f"{card.display_name} {_checkpoint_label(card.version, card.weights_sha256)}, weights sha256 {digest}"
+
+
 def _checkpoint_label(version: str, weights_sha256: str) -> str:
     return f"{version}@{weights_sha256[:12]}" if weights_sha256 else version
 
@@ -170,6 +180,7 @@ class StudyAnalysis:
 
 
 _models: dict[tuple[str, str], object] = {}
+_versions: dict[tuple[str, int, int], str] = {}
 _models_lock = threading.Lock()
 
 
@@ -201,12 +212,25 @@ def _predictor(path: Path, device: str) -> object:
 
 
 def checkpoint_version(path: Path) -> str:
-    """What results name a checkpoint by (`ModelIdentity.checkpoint_version`), read from its card without building
-    the network; ValueError (CheckpointError) naming the file when it is not a ccfnet checkpoint."""
-    from ccfnet_core.checkpoint import read_card
+    """What results and job keys name a checkpoint by (`ModelIdentity.checkpoint_version`), read from its card
+    without building the network; ValueError (CheckpointError) naming the file when it is not a ccfnet checkpoint.
 
-    card = read_card(path)
-    return _checkpoint_label(card.version, card.weights_sha256)
+    Cached by the file's path, size and modification time: the sweeper asks every few seconds, and a checkpoint
+    replaced in place is read again.
+    """
+    resolved = path.resolve()
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    with _models_lock:
+        cached = _versions.get(key)
+    if cached is None:
+        from ccfnet_core.checkpoint import read_card
+
+        card = read_card(resolved)
+        cached = _checkpoint_label(card.version, card.weights_sha256)
+        with _models_lock:
+            _versions[key] = cached
+    return cached
 
 
 def load_model(path: Path, device: str = "auto") -> ModelIdentity:

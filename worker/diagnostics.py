@@ -186,6 +186,8 @@ def model_device(settings: Settings) -> str:
 
 
 def check_model(settings: Settings) -> Check:
+    """The configured checkpoint's identity as every result object will state it, and the device it runs on."""
+    from worker import core_bridge
     from worker.inference import model_path
 
     path = model_path(settings)
@@ -195,7 +197,14 @@ def check_model(settings: Settings) -> Check:
         return Check("model", False, str(exc))
     if not path.is_file():
         return Check("model", False, f"{path}: no such checkpoint")
-    return Check("model", True, f"{path} on {device}")
+    try:
+        card = core_bridge.model_card_summary(path)
+    except ValueError as exc:
+        return Check("model", False, str(exc))
+    text = f"{card} ({path}) on {device}"
+    if os.environ.get(f"{ENV_PREFIX}MODEL_VERSION"):
+        text += f"; {ENV_PREFIX}MODEL_VERSION is set and ignored: results name the checkpoint's own card"
+    return Check("model", True, text)
 
 
 TLS_FILE_SETTINGS = ("tls_cert", "tls_key", "tls_ca")

@@ -31,6 +31,7 @@ from worker.core_bridge import (
 from worker.db import repository as repo
 from worker.db.models import Finding, JobState, ResultObject
 from worker.ops import metrics
+from worker.provenance import MANUFACTURER, RESULT_KINDS
 from worker.queue.processing import JobContext, JobOutcome, JobProcessor, RetryableJobError
 from worker.results import build_results
 from worker.results.declined_sr import DeclinedStudy, build_declined_sr
@@ -40,19 +41,23 @@ from worker.spool import Spool, SpoolError, SpoolPaths, validate_uid
 
 log = logging.getLogger("worker.inference")
 
-RESULT_KINDS = {
-    "1.2.840.10008.5.1.4.1.1.88.34": "sr",  # Comprehensive 3D SR
-    "1.2.840.10008.5.1.4.1.1.11.1": "gsps",
-    "1.2.840.10008.5.1.4.1.1.7": "sc",
-    "1.2.840.10008.5.1.4.1.1.66.4": "seg",
-}
-DECLINED_KIND = "declined"  # the "not analysed" SR's result object kind
 DECLINED_EVENT = "declined_report_written"
-MANUFACTURER = "ccfnet-worker"
 
 
 def model_path(settings: Settings) -> Path:
     return settings.model_path if settings.model_path is not None else core_bridge.default_model_path()
+
+
+def configured_model_version(settings: Settings) -> str:
+    """The configured checkpoint's name in job keys and results (card version @ weights sha256 prefix), read from
+    the file itself: no setting can disagree with it. An unreadable checkpoint still gets a label, so studies
+    become jobs that fail visibly ("model unavailable") instead of waiting unseen."""
+    path = model_path(settings)
+    try:
+        return core_bridge.checkpoint_version(path)
+    except (OSError, ValueError) as exc:
+        log.error("model checkpoint %s cannot be read: %s", path, exc)
+        return f"unreadable:{path.name}"[:64]
 
 
 def results_root(settings: Settings) -> Path:
@@ -77,15 +82,16 @@ def patient_coordinates(source: pydicom.Dataset, column: float, row: float) -> t
     )
 
 
-def _algorithm(model: ModelIdentity, settings: Settings, *, forced: bool) -> AlgorithmIdentity:
-    """The algorithm the results name: the checkpoint that ran. CCFNET_MODEL_VERSION names the configured
-    checkpoint; one forced by `ccfnet reprocess --model` is named by its own card (version and weights digest)."""
+def _algorithm(model: ModelIdentity) -> AlgorithmIdentity:
+    """The algorithm the results name: the checkpoint that ran, by its own card (name, version with the weights'
+    sha256 prefix, the full sha256, device UID), whichever path chose it."""
     return AlgorithmIdentity(
         manufacturer=MANUFACTURER,
         model_name=model.name,
         software_version=model.software_version,
-        model_version=model.checkpoint_version if forced else settings.model_version,
+        model_version=model.checkpoint_version,
         device_uid=model.device_uid,
+        weights_sha256=model.weights_sha256,
         phantom_only=model.phantom_only,
     )
 
@@ -150,7 +156,8 @@ def _analyse(
     settings = ctx.settings
     try:
         return core_bridge.analyse_files(
-            paths, checkpoint, settings.model_device, with_heatmaps=settings.include_segmentation
+            paths, checkpoint, settings.model_device,
+            with_heatmaps=settings.include_segmentation and settings.segmentation_type == "fractional",
         )
     except NotLumbarSpine as exc:
         return exc
@@ -201,7 +208,7 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     if isinstance(analysis, JobOutcome):
         return analysis
     if isinstance(analysis, NotLumbarSpine):
-        return _declined(ctx, analysis, forced=forced is not None)
+        return _declined(ctx, analysis)
     deadline.check("during inference")
     with ctx.sessions.begin() as session:
         newer = repo.superseding_job(session, ctx.job_id)
@@ -219,10 +226,11 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     try:
         result = AnalysisResult(
             source_dataset=analysis.source, findings=tuple(findings),
-            algorithm=_algorithm(analysis.model, settings, forced=forced is not None), heatmaps=analysis.heatmaps,
+            algorithm=_algorithm(analysis.model), heatmaps=analysis.heatmaps,
         )
         datasets = build_results(
-            result, sr_tracking=settings.sr_tracking, include_segmentation=settings.include_segmentation
+            result, include_segmentation=settings.include_segmentation,
+            segmentation_kind=settings.segmentation_type,
         )
     except (ValueError, TypeError) as exc:
         return JobOutcome(JobState.FAILED, error=f"cannot build result objects: {exc}"[:2000])
@@ -261,7 +269,7 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
                                                   "inference_seconds": round(analysis.seconds, 3)})
 
 
-def _declined(ctx: JobContext, declined: NotLumbarSpine, *, forced: bool) -> JobOutcome:
+def _declined(ctx: JobContext, declined: NotLumbarSpine) -> JobOutcome:
     """The anatomy gate declined the study: no findings; unless CCFNET_DECLINED_SR=false, a "not analysed" SR
     written, recorded and exported like any result object, so the radiologist sees that the AI looked and why
     it stopped. The reason is the job's error; logs name only the rule (descriptions may hold anything)."""
@@ -279,7 +287,7 @@ def _declined(ctx: JobContext, declined: NotLumbarSpine, *, forced: bool) -> Job
         return JobOutcome(JobState.SUPERSEDED, detail={"superseded_by": newer, "results": "not written"})
     try:
         report = build_declined_sr(DeclinedStudy(
-            source_dataset=declined.source, algorithm=_algorithm(declined.model, settings, forced=forced),
+            source_dataset=declined.source, algorithm=_algorithm(declined.model),
             reason=declined.reason,
         ))
     except (ValueError, TypeError) as exc:
@@ -295,7 +303,7 @@ def _declined(ctx: JobContext, declined: NotLumbarSpine, *, forced: bool) -> Job
         newer = repo.superseding_job_locked(session, ctx.job_id)
         for ds, relative, size in written:
             repo.add_result_object(session, ResultObject(
-                job_id=ctx.job_id, kind=DECLINED_KIND, sop_class_uid=str(ds.SOPClassUID),
+                job_id=ctx.job_id, kind=RESULT_KINDS[str(ds.SOPClassUID)], sop_class_uid=str(ds.SOPClassUID),
                 sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
                 path=relative, size_bytes=size, created_at=now,
             ))

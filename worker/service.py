@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from worker.assembly import restart_quiet_clock, sweep_once
 from worker.db.engine import make_engine, make_session_factory, safe_url
 from worker.db.migrate import ensure_schema
+from worker.inference import configured_model_version
 from worker.listener.handlers import AdmissionPolicy, IntakeContext
 from worker.listener.scp import Listener
 from worker.periodic import PeriodicThread
@@ -189,7 +190,7 @@ class Service:
         made = sweep_once(
             self.sessions,
             quiet_seconds=self.settings.study_quiet_seconds,
-            model_version=self.settings.model_version,
+            model_version=configured_model_version(self.settings),
             now=self._clock(),
         )
         for job in made:

@@ -129,6 +129,8 @@ class Settings(BaseSettings):
     allowed_peer_addresses: Annotated[list[IpNetwork], NoDecode] = Field(default_factory=list)
     extra_storage_sop_classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1)
+    # One address may hold at most this many of them, so one faulty device cannot take every slot.
+    max_associations_per_peer: int = Field(default=8, ge=1)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
     tls_cert: OptionalPath = None
     tls_key: OptionalPath = None
@@ -140,6 +142,8 @@ class Settings(BaseSettings):
 
     # DICOMweb intake (STOW-RS): sender name -> bearer token; none configured = the endpoint refuses all.
     stow_senders: dict[str, SecretStr] = Field(default_factory=dict)
+    # A STOW-RS request body over this many MiB is refused (413) as soon as it passes it.
+    stow_max_request_mb: int = Field(default=512, ge=1)
 
     # Storage
     data_dir: Path = DEFAULT_DATA_DIR  # set but empty: this default, like the optional paths
@@ -164,10 +168,10 @@ class Settings(BaseSettings):
 
     # Model and results
     model_path: OptionalPath = None
-    model_version: str = "ccfnet-r18-msc-loc2-refined-1"
     model_device: Literal["auto", "cpu", "cuda"] = "auto"
-    sr_tracking: Literal["standard", "ohif"] = "standard"
     include_segmentation: bool = False
+    # BINARY: one region per structure, what viewers load; FRACTIONAL: the heatmaps, for research viewers.
+    segmentation_type: Literal["binary", "fractional"] = "binary"
     declined_sr: bool = True  # a study the anatomy gate declines gets a short "not analysed: <reason>" SR
     destinations: list[Destination] = Field(default_factory=list)
     export_max_attempts: int = Field(default=8, ge=1)

@@ -18,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from worker.results import AlgorithmIdentity, AnalysisResult, StructureFinding
 
+WEIGHTS_SHA256: Final = "5f1e2d3c4b5a" + "0123456789abcdef" * 3 + "abcd"
 ROWS: Final = 256
 COLUMNS: Final = 256
 PIXEL_SPACING: Final = 1.25
@@ -172,9 +173,10 @@ def make_algorithm(*, phantom_only: bool = False) -> AlgorithmIdentity:
         manufacturer="ccfnet-worker",
         model_name="CCF-Net R18-MSC",
         software_version="0.1.0",
-        model_version="r18-msc-2024.06",
+        model_version="0.1.0@5f1e2d3c4b5a",
         device_uid="2.25.176123029384756019283746501928374650",
         phantom_only=phantom_only,
+        weights_sha256=WEIGHTS_SHA256,
     )
 
 

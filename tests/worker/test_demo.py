@@ -40,7 +40,7 @@ def test_demo_sends_a_phantom_study_and_prints_findings_and_result_objects(tmp_p
     paths = [Path(line.split()[1]) for line in lines[lines.index("result objects:") + 1 :]]
     assert sorted(line.split()[0] for line in lines[lines.index("result objects:") + 1 :]) == ["gsps", "sc", "sr"]
     for path in paths:
-        assert path.is_relative_to(tmp_path / "demo") and pydicom.dcmread(path).Modality in {"SR", "PR", "OT"}
+        assert path.is_relative_to(tmp_path / "demo") and pydicom.dcmread(path).Modality in {"SR", "PR", "MR"}
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")

@@ -106,7 +106,7 @@ def test_a_study_without_a_sagittal_series_ends_with_a_reason(tmp_path: Path) ->
 def test_a_one_slice_sagittal_study_is_analysed_with_its_edges_repeated(tmp_path: Path) -> None:
     datasets, truth = _study(23)
     only = [ds for ds in datasets if ds.SOPInstanceUID == truth.instance_uid]
-    with _embedded(tmp_path, include_segmentation=True, sr_tracking="ohif") as svc:
+    with _embedded(tmp_path, include_segmentation=True) as svc:
         assert send(svc.port, only) == [0]
         job = _final_job(svc, truth.study_uid)
         assert svc.sessions is not None
@@ -116,9 +116,9 @@ def test_a_one_slice_sagittal_study_is_analysed_with_its_edges_repeated(tmp_path
     assert job.state == "succeeded", job.error
     assert sorted(objects) == ["gsps", "sc", "seg", "sr"]  # the optional segmentation, when set
     seg = pydicom.dcmread(svc.settings.data_dir / "results" / objects["seg"].path)
-    assert seg.SegmentationType == "FRACTIONAL" and len(seg.SegmentSequence) == 11
+    assert seg.SegmentationType == "BINARY" and len(seg.SegmentSequence) == 11  # binary by default
     sr = pydicom.dcmread(svc.settings.data_dir / "results" / objects["sr"].path)
-    assert b"Cornerstone3DTools@^0.1.0:Probe" in sr.to_json().encode()
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"  # the measurement report
 
 
 def test_a_spool_file_damaged_after_storage_fails_the_job_with_its_reason(tmp_path: Path) -> None:
@@ -150,3 +150,50 @@ def test_a_pair_checkpoint_runs_through_the_worker_and_is_named_in_its_results(t
     assert len(findings) == 11
     sr = pydicom.dcmread(svc.settings.data_dir / "results" / objects["sr"].path)
     assert sr.ManufacturerModelName == "CCF-Net R18-MSC-PAIR" and pair.arch == "r18-msc-pair"
+
+
+def _sr_algorithm_items(items: Any) -> list[tuple[str, str]]:
+    """(concept meaning, value) of every TID 4019 algorithm name/version/parameter item, at any depth."""
+    found: list[tuple[str, str]] = []
+    for item in items:
+        meaning = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+        if meaning in {"Algorithm Name", "Algorithm Version", "Algorithm Parameters"}:
+            found.append((meaning, str(item.TextValue)))
+        if "ContentSequence" in item:
+            found.extend(_sr_algorithm_items(item.ContentSequence))
+    return found
+
+
+def test_every_result_object_names_the_checkpoint_that_ran_by_its_card_and_sha256(tmp_path: Path) -> None:
+    """The phantom checkpoint through the service: SR, SEG, PR and SC each name the card's model name, version
+    and the weights' sha256, read from the file (no setting names the model)."""
+    from ccfnet_core.checkpoint import read_card
+
+    card = read_card(MODEL)
+    version = f"{card.version}@{card.weights_sha256[:12]}"
+    datasets, truth = _study(26)
+    with _embedded(tmp_path, include_segmentation=True) as svc:
+        assert set(send(svc.port, datasets)) == {0}
+        job = _final_job(svc, truth.study_uid)
+        assert svc.sessions is not None
+        with svc.sessions() as session:
+            objects = {o.kind: o for o in repo.result_objects_for_job(session, job.id)}
+    assert job.state == "succeeded", job.error
+    assert job.model_version == version
+    assert sorted(objects) == ["gsps", "sc", "seg", "sr"]
+    read = {kind: pydicom.dcmread(svc.settings.data_dir / "results" / row.path) for kind, row in objects.items()}
+    for kind, ds in read.items():
+        assert ds.ManufacturerModelName == card.display_name, kind
+        assert list(ds.SoftwareVersions)[1] == version, kind
+        (equipment,) = [item for item in ds.ContributingEquipmentSequence if "DeviceUID" in item]
+        assert equipment.DeviceUID == card.device_uid, kind
+        assert equipment.ManufacturerModelName == card.display_name, kind
+        assert f"weights sha256 {card.weights_sha256}" in equipment.ContributionDescription, kind
+    assert f"weights sha256 {card.weights_sha256}" in read["sc"].ImageComments
+    algorithm = set(_sr_algorithm_items(read["sr"].ContentSequence))
+    assert algorithm == {("Algorithm Name", card.display_name), ("Algorithm Version", version),
+                         ("Algorithm Parameters", f"weights sha256 {card.weights_sha256}")}
+    for segment in read["seg"].SegmentSequence:
+        (identification,) = segment.SegmentationAlgorithmIdentificationSequence
+        assert (identification.AlgorithmName, identification.AlgorithmVersion) == (card.display_name, version)
+        assert identification.AlgorithmParameters == f"weights sha256={card.weights_sha256}"

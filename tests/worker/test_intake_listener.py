@@ -203,11 +203,19 @@ def test_disallowed_calling_ae_and_wrong_called_ae_are_rejected(service: Service
     assert echo.returncode != 0
     assert "Calling AE Title Not Recognized" in echo.stderr + echo.stdout
     assert service.sessions is not None
-    with service.sessions() as session:
-        rejected = session.execute(
-            select(Association.calling_ae, Association.reject_reason).where(Association.state == "rejected")
-        ).all()
-    assert sorted(rejected) == [
+
+    def rejected_rows() -> list[tuple[str, str | None]]:
+        assert service.sessions is not None
+        with service.sessions() as session:
+            return sorted(session.execute(  # type: ignore[arg-type]
+                select(Association.calling_ae, Association.reject_reason).where(Association.state == "rejected")
+            ).all())
+
+    # The row is written just after the A-ASSOCIATE-RJ goes out (pynetdicom closes the socket as soon as the
+    # handler returns, so the reject must be sent first).
+    wait_for(lambda: len(rejected_rows()) == 3, timeout=5)
+    rejected = rejected_rows()
+    assert rejected == [
         ("INTRUDER", "calling_ae_not_recognised"),
         ("INTRUDER", "calling_ae_not_recognised"),
         ("MODALITY", "called_ae_not_recognised"),

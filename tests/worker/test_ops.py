@@ -35,11 +35,15 @@ from worker.queue.publish import JobPublisher
 pytestmark = pytest.mark.services
 
 
-def _instance(session: Any, study_uid: str, when: dt.datetime) -> None:
+def _instance(session: Any, study_uid: str, when: dt.datetime, spool: Path) -> None:
+    series_uid, sop_uid = generate_uid(f.UID_ROOT), generate_uid(f.UID_ROOT)
+    path = f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+    (spool / path).parent.mkdir(parents=True, exist_ok=True)
+    (spool / path).write_bytes(b"x")  # reprocess checks that the spool file is there, not what it holds
     repo.record_instance(session, repo.InstanceRecord(
-        study_instance_uid=study_uid, series_instance_uid=generate_uid(f.UID_ROOT),
-        sop_instance_uid=generate_uid(f.UID_ROOT), sop_class_uid=f.MR_IMAGE_STORAGE,
-        transfer_syntax_uid="1.2.840.10008.1.2.1", size_bytes=1, path="x", calling_ae="T",
+        study_instance_uid=study_uid, series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid, sop_class_uid=f.MR_IMAGE_STORAGE,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", size_bytes=1, path=path, calling_ae="T",
         peer_address="127.0.0.1", association_id=None,
     ), now=when)
 
@@ -57,11 +61,11 @@ def scripted(tmp_path: Path, pg_url: str, redis_space: RedisSpace) -> Iterator[d
     uids = [generate_uid(f.UID_ROOT) for _ in range(6)]
     with sessions.begin() as session:
         for uid in uids[:4]:
-            _instance(session, uid, old)
+            _instance(session, uid, old, settings.spool_path)
     jobs = sweep_once(sessions, quiet_seconds=1, model_version="m", now=now - dt.timedelta(minutes=20))
     with sessions.begin() as session:
         for uid in uids[4:]:
-            _instance(session, uid, now - dt.timedelta(seconds=90))  # still receiving
+            _instance(session, uid, now - dt.timedelta(seconds=90), settings.spool_path)  # still receiving
     queued, running, done, failed = (j.job_id for j in jobs)
     celery = make_celery(settings)
     JobPublisher(celery, sessions).publish(queued, "inference", reason="test")
@@ -82,7 +86,7 @@ def scripted(tmp_path: Path, pg_url: str, redis_space: RedisSpace) -> Iterator[d
     env = {"CCFNET_DATABASE_URL": pg_url, "CCFNET_BROKER_URL": redis_space.url,
            "CCFNET_REDIS_KEY_PREFIX": redis_space.prefix, "CCFNET_DATA_DIR": str(tmp_path / "var")}
     yield {"env": env, "sessions": sessions, "uids": uids, "jobs": (queued, running, done, failed),
-           "redis": redis_space, "now": now}
+           "redis": redis_space, "now": now, "spool": settings.spool_path}
     engine.dispose()
 
 
@@ -131,6 +135,7 @@ def test_status_of_a_fresh_install_prints_no_empty_values(tmp_path: Path, pg_url
         "jobs:     none",
         "waiting:  0 studies; oldest queued job none",
         "last hour: 0 succeeded, 0 failed",
+        "dicom:    0 open association(s)",
         "exports:  none",
     ]
 
@@ -213,3 +218,58 @@ def test_reprocess_dry_run_changes_nothing_and_a_real_run_queues_superseding_bat
     assert client.llen(scripted["redis"].prefix + "batch") == 1
     nothing = runner.invoke(app, ["reprocess"], env=scripted["env"])
     assert nothing.exit_code == 2 and "choose studies" in nothing.output
+
+
+def test_reprocess_of_an_unknown_study_exits_non_zero_and_queues_nothing(scripted: dict[str, Any]) -> None:
+    unknown = generate_uid(f.UID_ROOT)
+    sessions = scripted["sessions"]
+    with sessions() as session:
+        before = session.scalar(select(func.count()).select_from(Job))
+    for extra in ([], ["--dry-run"]):
+        result = CliRunner().invoke(app, ["reprocess", "--study", unknown, *extra], env=scripted["env"])
+        assert result.exit_code == 1, result.output
+        assert f"not found: {unknown}" in result.output and "--from pacs" in result.output
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == before
+
+
+def test_reprocess_checks_the_spool_files_and_points_to_from_pacs(scripted: dict[str, Any]) -> None:
+    study = scripted["uids"][3]
+    for path in (scripted["spool"] / study).rglob("*.dcm"):
+        path.unlink()
+    runner = CliRunner()
+    dry = runner.invoke(app, ["reprocess", "--study", study, "--dry-run", "--json"], env=scripted["env"])
+    assert dry.exit_code == 1, dry.output
+    report = json.loads(dry.output)
+    assert report["studies"] == []
+    assert report["spool_files_missing"] == [{"study": study, "instances": 1, "missing_files": 1}]
+    text = runner.invoke(app, ["reprocess", "--study", study], env=scripted["env"])
+    assert text.exit_code == 1 and "spool files are gone" in text.output and "--from pacs" in text.output
+    with scripted["sessions"]() as session:
+        assert not session.scalars(select(Job).where(Job.queue == "batch")).all()
+
+
+@pytest.mark.parametrize("command", [["status"], ["jobs", "list"], ["jobs", "show", "1"]])
+def test_read_only_commands_on_a_missing_sqlite_database_exit_2_and_create_nothing(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CCFNET_DATABASE_URL", raising=False)
+    data_dir = tmp_path / "no" / "such" / "dir"
+    result = CliRunner().invoke(app, command, env={"CCFNET_DATA_DIR": str(data_dir)})
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "CCFNET_DATA_DIR" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_commands_on_a_wrong_postgres_url_exit_2_naming_the_setting(pg_url: str) -> None:
+    wrong = pg_url.rsplit("/", 1)[0] + "/ccfnet_no_such_database"
+    for command in (["status"], ["jobs", "list"]):
+        result = CliRunner().invoke(app, command, env={"CCFNET_DATABASE_URL": wrong})
+        assert result.exit_code == 2, result.output
+        assert result.output.count("\n") == 1 and "CCFNET_DATABASE_URL" in result.output, result.output
+    empty = CliRunner().invoke(app, ["status"], env={"CCFNET_DATABASE_URL": pg_url})  # exists, no schema
+    assert empty.exit_code == 3 and "ccfnet db upgrade" in empty.output, empty.output
+    garbled = CliRunner().invoke(app, ["status"], env={"CCFNET_DATABASE_URL": "not a url"})
+    assert garbled.exit_code == 2 and garbled.output.count("\n") == 1, garbled.output
+    assert "CCFNET_DATABASE_URL" in garbled.output

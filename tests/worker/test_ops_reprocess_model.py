@@ -47,8 +47,9 @@ def reprocessing(
         **overrides,
     )
     env = {"CCFNET_DATABASE_URL": pg_url, "CCFNET_BROKER_URL": redis_space.url,
-           "CCFNET_REDIS_KEY_PREFIX": redis_space.prefix, "CCFNET_DATA_DIR": str(settings.data_dir),
-           "CCFNET_MODEL_VERSION": settings.model_version}
+           "CCFNET_REDIS_KEY_PREFIX": redis_space.prefix, "CCFNET_DATA_DIR": str(settings.data_dir)}
+    if settings.model_path is not None:
+        env["CCFNET_MODEL_PATH"] = str(settings.model_path)
     datasets, truth = render_study(study_generator(71, 0), 0)
     sagittal = [ds for ds in datasets if ds.SeriesInstanceUID == truth.series_uid]
     runner = CliRunner()
@@ -121,19 +122,21 @@ def test_reprocess_with_a_forced_model_runs_that_checkpoint_on_the_batch_queue(
     assert refused.exit_code == 2 and "no such checkpoint" in refused.output
 
 
-def test_results_of_a_forced_model_name_that_checkpoint_not_the_configured_version(
+def test_results_name_the_checkpoint_that_ran_from_its_card_configured_or_forced(
     tmp_path: Path, pg_url: str, redis_space: RedisSpace
 ) -> None:
-    """Configured: the Tianchi checkpoint, called "site-model-7"; forced: the phantom one. Each job's objects
-    name the checkpoint that ran: its card's device UID and, for the forced one, its card's version and digest."""
+    """Configured: the Tianchi checkpoint; forced: the phantom one. Each job's objects name the checkpoint that
+    ran, from its card: device UID, version and the weights' digest (no setting names a model)."""
     forced = tmp_path / "forced-phantom.pt"
     shutil.copyfile(MODELS_DIR / PHANTOM_MODEL_NAME, forced)
     configured_card = load_model(MODELS_DIR / DEFAULT_MODEL_NAME)[1]
     forced_card = load_model(forced)[1]
     forced_version = f"{forced_card.version}@{forced_card.weights_sha256[:12]}"
-    with reprocessing(tmp_path, pg_url, redis_space, model_path=MODELS_DIR / DEFAULT_MODEL_NAME,
-                      model_version="site-model-7") as (svc, _, run):
-        runs = {"site-model-7": (run(), configured_card), forced_version: (run("--model", str(forced)), forced_card)}
+    configured_version = f"{configured_card.version}@{configured_card.weights_sha256[:12]}"
+    assert configured_version != forced_version
+    with reprocessing(tmp_path, pg_url, redis_space, model_path=MODELS_DIR / DEFAULT_MODEL_NAME) as (svc, _, run):
+        runs = {configured_version: (run(), configured_card),
+                forced_version: (run("--model", str(forced)), forced_card)}
         objects = {version: _result_objects(svc, job) for version, (job, _) in runs.items()}
     for version, (job, card) in runs.items():
         assert job.state == "succeeded", job.error

@@ -23,7 +23,8 @@ from worker.results import AnalysisResult, build_results
 EXPECTED = (
     (Comprehensive3DSRStorage, "SR", 9001, "CCF-Net SR"),
     (GrayscaleSoftcopyPresentationStateStorage, "PR", 9002, "CCF-Net GSPS"),
-    (SecondaryCaptureImageStorage, "OT", 9003, "CCF-Net Key Image"),
+    # The key image takes the source's modality (MR): viewers play an OT series as cine (OHIF does).
+    (SecondaryCaptureImageStorage, "MR", 9003, "CCF-Net Key Image"),
     (SegmentationStorage, "SEG", 9004, "CCF-Net SEG"),
 )
 
@@ -33,12 +34,10 @@ def result() -> AnalysisResult:
     return make_result()
 
 
-@pytest.fixture(scope="module", params=["standard", "ohif"])
-def written(
-    request: pytest.FixtureRequest, result: AnalysisResult, tmp_path_factory: pytest.TempPathFactory
-) -> list[Path]:
-    objects = build_results(result, sr_tracking=request.param, include_segmentation=True)
-    folder = tmp_path_factory.mktemp(f"results_{request.param}")
+@pytest.fixture(scope="module")
+def written(result: AnalysisResult, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    objects = build_results(result, include_segmentation=True)
+    folder = tmp_path_factory.mktemp("results")
     return [write(ds, folder / f"{index}.dcm") for index, ds in enumerate(objects)]
 
 
@@ -119,10 +118,12 @@ def test_the_source_dataset_is_not_modified() -> None:
 
 
 def test_bad_arguments_are_refused(result: AnalysisResult) -> None:
-    with pytest.raises(ValueError, match="sr_tracking"):
-        build_results(result, sr_tracking="OHIF")
-    with pytest.raises(ValueError, match="include_segmentation"):
-        build_results(make_result(with_heatmaps=False), include_segmentation=True)
+    with pytest.raises(TypeError, match="result"):
+        build_results(result.source_dataset)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="segmentation_kind"):
+        build_results(result, include_segmentation=True, segmentation_kind="label")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="heatmaps"):
+        build_results(make_result(with_heatmaps=False), include_segmentation=True, segmentation_kind="fractional")
     with pytest.raises(TypeError, match="result"):
         build_results(result.source_dataset)  # type: ignore[arg-type]
 

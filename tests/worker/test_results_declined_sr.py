@@ -9,6 +9,7 @@ import pydicom
 import pytest
 from results_fixtures import DCIODVFY, dciodvfy_errors, dciodvfy_report, make_algorithm, make_source, write
 
+from worker.provenance import RESULT_KINDS, own_output
 from worker.results.declined_sr import DECLINED_SR_SERIES, DeclinedStudy, build_declined_sr
 
 REASON = "the 11 points do not run head to foot in the spine's order (order score 0.27, needs at least 0.7)"
@@ -68,6 +69,16 @@ def test_it_names_the_algorithm_and_is_unverified(written: tuple[pydicom.Dataset
     assert list(sr.SoftwareVersions) == [algorithm.software_version, algorithm.model_version]
     assert "AI result, unverified" in _texts(sr.ContentSequence)["Comment"]
     assert "ContentQualification" not in sr
+
+
+def test_it_carries_our_signature_so_it_never_becomes_a_job_when_sent_back(
+    written: tuple[pydicom.Dataset, Path],
+) -> None:
+    _, path = written
+    sr = pydicom.dcmread(path)
+    found = own_output(sr)
+    assert found is not None and found.device_uid == make_algorithm().device_uid
+    assert RESULT_KINDS[str(sr.SOPClassUID)] == "declined"
 
 
 def test_a_phantom_model_marks_it_research_content() -> None:

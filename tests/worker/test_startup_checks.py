@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ccfnet_core.checkpoint import MODELS_DIR, PHANTOM_MODEL_NAME
+from ccfnet_core.checkpoint import MODELS_DIR, PHANTOM_MODEL_NAME, read_card
 from ccfnet_core.inference import Predictor
 from worker import core_bridge
 from worker.cli import app
@@ -122,7 +122,25 @@ def test_config_check_fails_the_model_for_cuda_without_cuda(tmp_path: Path, monk
     model = _checks(tmp_path, monkeypatch, model_device="cuda")["model"]
     assert not model["ok"] and "CCFNET_MODEL_DEVICE=cuda" in str(model["detail"]), model
     model = _checks(tmp_path, monkeypatch, model_device="auto")["model"]
-    assert model["ok"] and model["detail"] == f"{MODEL} on {core_bridge.resolve_device('auto')}", model
+    card = read_card(MODEL)
+    assert model["ok"], model
+    assert model["detail"] == (
+        f"{card.display_name} {card.version}@{card.weights_sha256[:12]}, weights sha256 {card.weights_sha256} "
+        f"({MODEL}) on {core_bridge.resolve_device('auto')}"
+    )
+
+
+def test_config_check_names_the_checkpoint_and_says_a_leftover_model_version_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _checks(tmp_path, monkeypatch, model_version="site-model-7")["model"]
+    card = read_card(MODEL)
+    assert model["ok"] and card.weights_sha256 in str(model["detail"]), model
+    assert "CCFNET_MODEL_VERSION is set and ignored" in str(model["detail"])
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    model = _checks(tmp_path, monkeypatch, model_path=str(broken))["model"]
+    assert not model["ok"] and str(broken) in str(model["detail"]), model
 
 
 def _free_port() -> int:

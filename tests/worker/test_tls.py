@@ -7,7 +7,9 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import logging
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -37,6 +39,7 @@ from worker.cli import app
 from worker.db import repository as repo
 from worker.db.engine import make_engine, make_session_factory
 from worker.db.models import Association, Instance
+from worker.ops import metrics
 from worker.service import Service
 from worker.settings import DicomDestination, DicomWebDestination
 
@@ -213,25 +216,69 @@ def test_storescu_over_tls_stores_the_instance(tls_service: ServiceFactory, pki:
     assert associations and associations[0].tls
 
 
-def test_plain_tcp_to_the_tls_port_is_refused(tls_service: ServiceFactory, pki: Pki) -> None:
+def _assert_refusal_recorded(svc: Service, reason: str, caplog: pytest.LogCaptureFixture, before: float) -> None:
+    """A refused TLS connection is a row (rejected, its reason, the peer), a log line and a counter."""
+    rows = wait_for(_associations_of(svc), timeout=10)
+    assert [(a.state, a.reject_reason, a.peer_address, a.tls) for a in rows] == [
+        ("rejected", reason, "127.0.0.1", True)
+    ]
+    assert any(f"127.0.0.1:{rows[0].peer_port}" in r.getMessage() and reason in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+    assert metrics.ASSOCIATIONS.labels(outcome="rejected", reason=reason)._value.get() == before + 1
+
+
+def _associations_of(svc: Service) -> Callable[[], list[Association]]:
+    return lambda: _associations(svc)
+
+
+def _refused_count(reason: str) -> float:
+    return metrics.ASSOCIATIONS.labels(outcome="rejected", reason=reason)._value.get()
+
+
+def test_plain_tcp_to_the_tls_port_is_refused(
+    tls_service: ServiceFactory, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     svc = tls_service()
+    before = _refused_count("tls_not_tls")
     result = _echoscu(svc.port, [])
     assert result.returncode != 0, result.stdout + result.stderr
-    assert _associations(svc) == []
+    _assert_refusal_recorded(svc, "tls_not_tls", caplog, before)
 
 
-def test_client_without_a_certificate_is_refused_when_one_is_required(tls_service: ServiceFactory, pki: Pki) -> None:
+def test_client_without_a_certificate_is_refused_when_one_is_required(
+    tls_service: ServiceFactory, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     svc = tls_service()
+    before = _refused_count("tls_no_client_certificate")
     result = _echoscu(svc.port, _client_tls(pki))
     assert result.returncode != 0, result.stdout + result.stderr
-    assert _associations(svc) == []
+    _assert_refusal_recorded(svc, "tls_no_client_certificate", caplog, before)
 
 
-def test_client_certificate_from_an_untrusted_ca_is_refused(tls_service: ServiceFactory, pki: Pki) -> None:
+def test_client_certificate_from_an_untrusted_ca_is_refused(
+    tls_service: ServiceFactory, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     svc = tls_service()
+    before = _refused_count("tls_certificate_not_trusted")
     result = _echoscu(svc.port, _client_tls(pki, pki.rogue_cert, pki.rogue_key))
     assert result.returncode != 0, result.stdout + result.stderr
-    assert _associations(svc) == []
+    _assert_refusal_recorded(svc, "tls_certificate_not_trusted", caplog, before)
+
+
+def test_a_silent_tls_connection_does_not_block_the_listener(
+    tls_service: ServiceFactory, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handshake runs in the connection's thread under the network timeout, not in the accept loop."""
+    svc = tls_service(network_timeout_seconds=2)
+    before = _refused_count("tls_handshake_timeout")
+    with socket.create_connection(("127.0.0.1", svc.port)) as silent:
+        result = _echoscu(svc.port, _client_tls(pki, pki.client_cert, pki.client_key))
+        assert result.returncode == 0, result.stdout + result.stderr
+        silent.settimeout(10)
+        assert silent.recv(1) == b""  # closed by the listener at the timeout
+    rows = wait_for(lambda: [a for a in _associations(svc) if a.state == "rejected"], timeout=10)
+    assert [a.reject_reason for a in rows] == ["tls_handshake_timeout"]
+    assert _refused_count("tls_handshake_timeout") == before + 1
 
 
 def test_client_certificate_is_optional_when_not_required(tls_service: ServiceFactory, pki: Pki) -> None:
@@ -246,7 +293,7 @@ def test_tls_does_not_bypass_the_calling_ae_allow_list(tls_service: ServiceFacto
     svc = tls_service(allowed_calling_aets="STORESCU")
     result = _echoscu(svc.port, _client_tls(pki, pki.client_cert, pki.client_key))
     assert result.returncode != 0, result.stdout + result.stderr
-    rows = _associations(svc)
+    rows = wait_for(_associations_of(svc), timeout=10)  # written just after the A-ASSOCIATE-RJ goes out
     assert [(a.calling_ae, a.tls, a.state) for a in rows] == [("ECHOSCU", True, "rejected")]
 
 

@@ -25,14 +25,27 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 @contextmanager
 def _database() -> Iterator[tuple[Any, Any]]:
-    from worker.db.engine import make_engine, make_session_factory
+    """The service's existing database (never a new, empty one): a wrong path or URL is one line naming the
+    setting and exit code 2; a schema behind the code, exit code 3."""
+    from worker.commands.common import EXIT_SCHEMA
+    from worker.db.engine import DatabaseUnavailableError, make_session_factory, open_existing
+    from worker.db.migrate import SchemaOutdatedError, ensure_schema
     from worker.settings import SettingsError, get_settings
 
     try:
         settings = get_settings()
     except SettingsError as exc:
         _fail(str(exc))
-    engine = make_engine(settings.effective_database_url)
+    setting = "CCFNET_DATABASE_URL" if settings.database_url is not None else "CCFNET_DATA_DIR"
+    try:
+        engine = open_existing(settings.effective_database_url, setting)
+    except DatabaseUnavailableError as exc:
+        _fail(str(exc))
+    try:
+        ensure_schema(engine, apply=False)
+    except SchemaOutdatedError as exc:
+        engine.dispose()
+        _fail(str(exc), EXIT_SCHEMA)
     try:
         yield settings, make_session_factory(engine)
     finally:
@@ -60,11 +73,12 @@ def _counts(by_state: dict[str, int]) -> str:
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Queue depth, paused queues, jobs by state, oldest waiting study and job, throughput, failures, dead
     exports."""
-    from worker.ops.status import age_text, collect_status
+    from worker.ops.status import age_text, association_status, collect_status
     from worker.timeutil import utcnow
 
     with _database() as (settings, sessions), sessions() as session:
-        report = collect_status(settings, session, utcnow())
+        now = utcnow()
+        report = collect_status(settings, session, now) | association_status(session, now)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -79,6 +93,11 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
                + f"; oldest queued job {age_text(report['oldest_queued_job_seconds'])}")
     hour = report["throughput_last_hour"]
     typer.echo(f"last hour: {hour['succeeded']} succeeded, {hour['failed']} failed")
+    open_assocs = report["associations_open"]
+    typer.echo(f"dicom:    {len(open_assocs)} open association(s)"
+               + "".join(f"; {a['calling_ae']}@{a['peer']} {age_text(a['seconds'])}" for a in open_assocs[:5]))
+    if report["associations_refused_last_hour"]:
+        typer.echo("refused/aborted last hour: " + _counts(report["associations_refused_last_hour"]))
     typer.echo("exports:  " + _counts(report["exports_by_state"]))
     for failure in report["recent_failures"][:5]:
         typer.echo(f"  failed job {failure['job']}: {failure['reason']}")
@@ -173,6 +192,7 @@ def reprocess(
     from tqdm import tqdm
 
     from worker.db import repository as repo
+    from worker.inference import configured_model_version
     from worker.ops.reprocess import ForcedModel, plan
     from worker.ops.reprocess import reprocess as run_reprocess
     from worker.queue.celery_app import make_celery
@@ -208,24 +228,36 @@ def reprocess(
             typer.echo(json.dumps({"dry_run": True, "from": "pacs", "studies": [{"study": uid} for uid in uids]},
                                   indent=2) if as_json else "\n".join(f"would pull and queue {uid}" for uid in uids))
             return
+        checked = plan(sessions, studies, settings.spool_path)
+        incomplete = [p for p in checked if p.missing_files]
+        complete = {p.study_instance_uid for p in checked if not p.missing_files}
         if dry_run:
-            planned = plan(sessions, studies)
+            planned = [p for p in checked if not p.missing_files]
         else:
+            runnable = [s for s in studies if s.study_instance_uid in complete]
             app = make_celery(settings)
-            with tqdm(total=len(studies), desc="reprocess", file=sys.stderr) as bar:
-                planned = run_reprocess(sessions, app, studies, model_version=settings.model_version,
+            with tqdm(total=len(runnable), desc="reprocess", file=sys.stderr) as bar:
+                planned = run_reprocess(sessions, app, runnable, model_version=configured_model_version(settings),
                                         now=utcnow(), progress=bar.update, source=source, model=forced)
             app.close()
     rows = [{"study": p.study_instance_uid, "instances": p.instances, "job": p.job_id} for p in planned]
+    gone = [{"study": p.study_instance_uid, "instances": p.instances, "missing_files": p.missing_files}
+            for p in incomplete]
     if as_json:
-        typer.echo(json.dumps({"dry_run": dry_run, "studies": rows, "not_found": missing}, indent=2))
+        typer.echo(json.dumps({"dry_run": dry_run, "studies": rows, "not_found": missing,
+                               "spool_files_missing": gone}, indent=2))
     else:
         for row in rows:
             job = f"  -> job {row['job']}" if row["job"] else ""
             typer.echo(f"{row['study']}  {row['instances']} instances{job}")
         for uid in missing:
-            typer.echo(f"not found: {uid}")
+            typer.echo(f"not found: {uid} (not in the database; `--from pacs` pulls it from the PACS)")
+        for entry in gone:
+            typer.echo(f"not queued: {entry['study']}: {entry['missing_files']} of {entry['instances']} spool files "
+                       "are gone; run it again with `--from pacs`")
         typer.echo(f"{len(rows)} studies {'would be' if dry_run else ''} queued on batch".replace("  ", " "))
+    if missing or gone:
+        raise typer.Exit(1)
 
 
 def _pull_from_pacs(

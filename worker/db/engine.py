@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -67,3 +68,31 @@ def ping(engine: Engine) -> None:
 
     with engine.connect() as connection:
         connection.execute(text("SELECT 1"))
+
+
+class DatabaseUnavailableError(RuntimeError):
+    """The database a command needs is not there or does not answer; the message names the setting."""
+
+
+def open_existing(url: str | URL, setting: str) -> Engine:
+    """An engine on a database that must already exist (``ccfnet status``, ``jobs``...): an SQLite file is
+    never created, and one round trip proves the server answers. `setting` names the variable to blame."""
+    try:
+        parsed = normalise_url(url)
+    except ArgumentError as exc:
+        raise DatabaseUnavailableError(f"{setting}: not a database URL") from exc
+    if parsed.get_backend_name() == "sqlite":
+        path = parsed.database or ""
+        if path in ("", ":memory:") or not Path(path).is_file():
+            raise DatabaseUnavailableError(
+                f"{setting}: no database at {path or '(none)'}; point {setting} at the service's database "
+                "(`ccfnet serve` or `ccfnet db upgrade` creates one)"
+            )
+    engine = make_engine(parsed)
+    try:
+        ping(engine)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise DatabaseUnavailableError(f"{setting}={safe_url(parsed)}: cannot connect: {reason}") from exc
+    return engine

@@ -74,7 +74,7 @@ def record_association(
         state=state.value,
         reject_reason=reject_reason,
         started_at=now,
-        ended_at=now if state is AssociationState.REJECTED else None,
+        ended_at=None if state is AssociationState.ACCEPTED else now,
         instances_stored=0,
         instances_failed=0,
     )
@@ -91,12 +91,39 @@ def end_association(
     stored: int,
     failed: int,
     now: dt.datetime,
+    reason: str | None = None,
 ) -> None:
+    """Close an association's row; `reason` says why an aborted one ended (kept in ``reject_reason``)."""
     session.execute(
         update(Association)
         .where(Association.id == association_id)
-        .values(state=state.value, ended_at=now, instances_stored=stored, instances_failed=failed)
+        .values(
+            state=state.value, ended_at=now, instances_stored=stored, instances_failed=failed, reject_reason=reason
+        )
     )
+
+
+def open_associations(session: Session) -> Sequence[Association]:
+    """Associations accepted and not yet ended, oldest first."""
+    return session.scalars(
+        select(Association)
+        .where(Association.state == AssociationState.ACCEPTED.value, Association.ended_at.is_(None))
+        .order_by(Association.started_at)
+    ).all()
+
+
+def refused_association_counts(session: Session, since: dt.datetime) -> dict[str, int]:
+    """Rejected connections and associations aborted with a reason since `since`, by ``state:reason``."""
+    rows = session.execute(
+        select(Association.state, Association.reject_reason, func.count(Association.id))
+        .where(
+            Association.started_at >= since,
+            Association.state.in_([AssociationState.REJECTED.value, AssociationState.ABORTED.value]),
+            Association.reject_reason.is_not(None),
+        )
+        .group_by(Association.state, Association.reject_reason)
+    ).all()
+    return {f"{state}:{reason}": int(count) for state, reason, count in rows}
 
 
 # Instances ------------------------------------------------------------------------------------------------
@@ -127,11 +154,18 @@ def find_instance_path(session: Session, sop_instance_uid: str) -> str | None:
     return session.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
-def record_instance(session: Session, rec: InstanceRecord, *, now: dt.datetime) -> RecordedInstance:
+class ConflictingInstanceError(ValueError):
+    """The SOP Instance UID is already recorded in another study or series."""
+
+
+def record_instance(
+    session: Session, rec: InstanceRecord, *, now: dt.datetime, move: bool = False
+) -> RecordedInstance:
     """Upsert study, series and instance; any arrival (re)opens the study and restarts its quiet period.
 
     The study row is written first so that a concurrent sweeper either sees this arrival or has already
-    assembled the study, in which case this arrival reopens it.
+    assembled the study, in which case this arrival reopens it. An instance already recorded at another
+    path (another study or series) raises :class:`ConflictingInstanceError` unless `move`.
     """
     stmt = _insert(session, Study).values(
         study_instance_uid=rec.study_instance_uid,
@@ -177,8 +211,12 @@ def record_instance(session: Session, rec: InstanceRecord, *, now: dt.datetime) 
     stmt = stmt.on_conflict_do_update(
         index_elements=[Instance.sop_instance_uid],
         set_={**update_values, "receive_count": Instance.receive_count + 1},
+        where=None if move else Instance.path == stmt.excluded.path,
     ).returning(Instance.id, Instance.receive_count)
-    instance_id, receive_count = session.execute(stmt).one()
+    row = session.execute(stmt).one_or_none()
+    if row is None:
+        raise ConflictingInstanceError("SOP Instance UID already recorded in another study or series")
+    instance_id, receive_count = row
     return RecordedInstance(instance_id=instance_id, study_id=study_id, receive_count=receive_count)
 
 
@@ -483,6 +521,11 @@ def replace_findings(session: Session, job_id: int, findings: Sequence[Finding])
 
 def add_result_object(session: Session, result: ResultObject) -> None:
     session.add(result)
+
+
+def job_of_result_object(session: Session, sop_instance_uid: str) -> int | None:
+    """The job that wrote the result object with this SOP Instance UID, if we wrote one."""
+    return session.scalar(select(ResultObject.job_id).where(ResultObject.sop_instance_uid == sop_instance_uid))
 
 
 def findings_for_job(session: Session, job_id: int) -> Sequence[Finding]:

@@ -13,7 +13,6 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
@@ -23,8 +22,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.db import repository as repo
 from worker.db.models import AssociationState
-from worker.listener.status import EchoStatus, RejectReason, StoreStatus
+from worker.listener import validation
+from worker.listener.network import transport_problem
+from worker.listener.status import EchoStatus, RejectReason, StoreStatus, store_response
+from worker.listener.validation import TruncatedDatasetError
+from worker.listener.validation import parse_fully as _parse_fully
 from worker.ops import metrics
+from worker.provenance import RESULT_KINDS, own_output
 from worker.settings import IpNetwork
 from worker.spool import InvalidUIDError, LowDiskError, Spool, validate_uid
 from worker.timeutil import Clock, utcnow
@@ -152,7 +156,7 @@ def handle_established(event: Event, ctx: IntakeContext) -> None:
     log.info("association %s accepted from %r at %s", tally.association_id, rec.calling_ae, rec.peer_address)
 
 
-def _handle_end(event: Event, ctx: IntakeContext, state: AssociationState) -> None:
+def _handle_end(event: Event, ctx: IntakeContext, state: AssociationState, reason: str | None = None) -> None:
     tally = ctx.forget(event.assoc)
     if tally is None or tally.association_id is None:
         return
@@ -165,13 +169,17 @@ def _handle_end(event: Event, ctx: IntakeContext, state: AssociationState) -> No
                 stored=tally.stored,
                 failed=tally.failed,
                 now=ctx.clock(),
+                reason=reason,
             )
     except SQLAlchemyError:
         log.exception("could not record the end of association %s", tally.association_id)
-    log.info(
-        "association %s %s: %d stored, %d failed",
+    log.log(
+        logging.WARNING if reason else logging.INFO,
+        "association %s from %s %s%s: %d stored, %d failed",
         tally.association_id,
+        tally.peer_address,
         state.value,
+        f" ({reason})" if reason else "",
         tally.stored,
         tally.failed,
     )
@@ -182,45 +190,18 @@ def handle_released(event: Event, ctx: IntakeContext) -> None:
 
 
 def handle_aborted(event: Event, ctx: IntakeContext) -> None:
-    _handle_end(event, ctx, AssociationState.ABORTED)
+    """EVT_ABORTED: by the peer, or by us when it stalled (a read past its deadline, or idle too long:
+    both are the network timeout)."""
+    reason = transport_problem(event.assoc)
+    if reason is None and event.assoc.dul.idle_timer_expired():
+        reason = "network_timeout"
+    if reason is not None:
+        metrics.association("aborted", reason)  # metrics hook
+    _handle_end(event, ctx, AssociationState.ABORTED, reason)
 
 
 def handle_echo(event: Event, ctx: IntakeContext) -> EchoStatus:
     return EchoStatus.SUCCESS
-
-
-class TruncatedDatasetError(ValueError):
-    """An element declares more bytes than the stream holds."""
-
-
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-# Image SOP classes whose Pixel Data is Type 1: a dataset cut off before it is refused.
-_PIXEL_DATA_REQUIRED = frozenset({"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"})
-
-
-_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
-
-
-def _parse_fully(dataset: Dataset, stream: bytes | None = None) -> None:
-    """Decode every element, so a truncated or garbled dataset fails here rather than in a worker later.
-
-    pydicom defers parsing and tolerates short reads (it returns fewer bytes, or warns when a delimiter is
-    missing), so lengths are checked against the stream: ``stream`` is the encoded top-level dataset.
-    """
-    for tag in list(dataset.keys()):
-        raw = dataset.get_item(tag)
-        if isinstance(raw, RawDataElement):
-            value_length = len(raw.value or b"")
-            if raw.length != _UNDEFINED_LENGTH and value_length != raw.length:
-                raise TruncatedDatasetError(f"element {tag} is shorter than its declared length")
-            if raw.length == _UNDEFINED_LENGTH and stream is not None and raw.value_tell is not None:
-                end = raw.value_tell + value_length
-                if stream[end : end + len(_SEQUENCE_DELIMITER)] != _SEQUENCE_DELIMITER:
-                    raise TruncatedDatasetError(f"element {tag} ends without its sequence delimiter")
-        element = dataset[tag]
-        if element.VR == "SQ":
-            for item in element.value:
-                _parse_fully(item)
 
 
 def _optional_int(value: Any) -> int | None:
@@ -230,15 +211,16 @@ def _optional_int(value: Any) -> int | None:
         return None
 
 
-def handle_store(event: Event, ctx: IntakeContext) -> StoreStatus:
-    """EVT_C_STORE: validate, write durably, record, and only then report success."""
+def handle_store(event: Event, ctx: IntakeContext) -> StoreStatus | Dataset:
+    """EVT_C_STORE: validate, write durably, record, and only then report success (a failure goes with an
+    Error Comment naming the problem)."""
     tally = ctx.tally(event.assoc)
     status = _store(event, ctx, tally)
     if status is StoreStatus.SUCCESS:
         tally.stored += 1
-    else:
-        tally.failed += 1
-    return status
+        return status
+    tally.failed += 1
+    return store_response(status)
 
 
 def _store(event: Event, ctx: IntakeContext, tally: _Tally) -> StoreStatus:
@@ -252,7 +234,10 @@ def _store(event: Event, ctx: IntakeContext, tally: _Tally) -> StoreStatus:
 
     try:
         encoded = event.encoded_dataset(include_meta=False)
+        if not encoded:
+            raise TruncatedDatasetError("an empty data set")
         dataset = event.dataset
+        validation.note_read_encoding(dataset)
         _parse_fully(dataset, encoded)
     except Exception:  # pydicom raises many types for malformed input; this is the DIMSE edge
         log.warning("instance %s: dataset could not be decoded", affected_sop, exc_info=True)
@@ -286,10 +271,18 @@ class Sender:
 
 
 def persist_instance(
-    ctx: IntakeContext, dataset: Dataset, data: bytes, transfer_syntax_uid: str, sender: Sender
+    ctx: IntakeContext,
+    dataset: Dataset,
+    data: bytes,
+    transfer_syntax_uid: str,
+    sender: Sender,
+    *,
+    replace_different: bool = False,
 ) -> StoreStatus:
     """The part of storing every intake path shares (C-STORE and STOW-RS): UIDs checked before they become
-    path parts, durable write, database row committed, and only then success. Nothing half-done stays."""
+    path parts, the image checked against its attributes, durable write, database row committed, and only
+    then success. Nothing half-done stays. A SOP Instance UID already stored with other pixels (or in another
+    series) is refused, unless `replace_different` (a pull from the PACS, the source of truth)."""
     try:
         study_uid = validate_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
@@ -300,11 +293,20 @@ def persist_instance(
         log.warning("instance refused: %s", exc)
         return StoreStatus.INVALID_UID
 
-    if sop_class in _PIXEL_DATA_REQUIRED and "PixelData" not in dataset:
-        log.warning("instance %s refused: an image without Pixel Data (truncated?)", sop_uid)
-        return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    if _acknowledge_own_output(ctx, dataset, study_uid, sop_uid, sop_class, sender):
+        return StoreStatus.SUCCESS
+
+    problem = validation.check_instance(dataset, transfer_syntax_uid, sop_class)
+    if problem is not None:
+        log.warning("instance %s refused (%04X): %s", sop_uid, problem.status, problem.detail)
+        return problem.status
 
     existed = paths.final.exists()
+    if existed and not replace_different:
+        difference = validation.differs_from_stored(paths.final, dataset, transfer_syntax_uid)
+        if difference is not None:
+            log.warning("instance %s refused: %s", sop_uid, difference)
+            return StoreStatus.CONFLICTING_DUPLICATE
     try:
         size = ctx.spool.write(paths, data)
     except LowDiskError:
@@ -330,7 +332,12 @@ def persist_instance(
     )
     try:
         with ctx.sessions.begin() as session:
-            repo.record_instance(session, record, now=ctx.clock())
+            repo.record_instance(session, record, now=ctx.clock(), move=replace_different)
+    except repo.ConflictingInstanceError as exc:
+        log.warning("instance %s refused: %s", sop_uid, exc)
+        if not existed:
+            ctx.spool.remove(paths)
+        return StoreStatus.CONFLICTING_DUPLICATE
     except Exception:  # the database is down or refused: the sender must retry; nothing half-recorded stays
         log.exception("instance %s: database commit failed", sop_uid)
         if not existed:
@@ -339,3 +346,45 @@ def persist_instance(
     log.debug("stored instance %s of study %s", sop_uid, study_uid)
     metrics.instance_received()  # metrics hook
     return StoreStatus.SUCCESS
+
+
+def _acknowledge_own_output(
+    ctx: IntakeContext, dataset: Dataset, study_uid: str, sop_uid: str, sop_class: str, sender: Sender
+) -> bool:
+    """True when `dataset` is one of our own result objects sent back (a PACS routing rule, a pull).
+
+    It is acknowledged, so the sender does not retry it forever, but neither spooled nor recorded as an
+    instance: it never reopens its study, so it never makes a job. Ours by its equipment signature, or by its
+    SOP Instance UID when this database recorded it as a result object (whose job then gets a
+    `result_returned` event). Another vendor's object of the same class is an ordinary instance.
+    """
+    signature = own_output(dataset)
+    if signature is None and sop_class not in RESULT_KINDS:
+        return False
+    job_id: int | None = None
+    try:
+        with ctx.sessions.begin() as session:
+            job_id = repo.job_of_result_object(session, sop_uid)
+            if job_id is not None:
+                repo.add_job_event(session, job_id, "result_returned", now=ctx.clock(), detail={
+                    "sop_instance_uid": sop_uid,
+                    "sop_class_uid": sop_class,
+                    "calling_ae": sender.calling_ae,
+                    "peer_address": sender.peer_address,
+                    "recognised_by": "equipment" if signature is not None else "sop_instance_uid",
+                })
+    except SQLAlchemyError:
+        log.exception("own result object check of %s: database unavailable", sop_uid)
+    if signature is None and job_id is None:
+        return False
+    log.info(
+        "own result object %s (study %s, job %s, device %s) from %r at %s: acknowledged, not analysed",
+        sop_uid,
+        study_uid,
+        job_id if job_id is not None else "unknown here",
+        signature.device_uid if signature is not None else "unnamed",
+        sender.calling_ae,
+        sender.peer_address,
+    )
+    metrics.own_result_returned()  # metrics hook
+    return True

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
+import threading
 from collections.abc import Sequence
+from typing import cast
 
 from pydicom.uid import (
     JPEG2000,
@@ -19,18 +22,19 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    RLELossless,
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
-from worker.listener import handlers
+from worker.listener import connections, handlers
 from worker.listener.handlers import IntakeContext
+from worker.listener.network import ConnectionLimits, GuardedServer
 from worker.settings import Settings
 
 log = logging.getLogger("worker.listener")
 
-# Uncompressed, deflate, and the compressed syntaxes that pylibjpeg / GDCM can decode later.
+# Uncompressed, deflate, and the compressed syntaxes that pylibjpeg / GDCM / pydicom (RLE) can decode.
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -43,6 +47,7 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     JPEGLSNearLossless,
     JPEG2000Lossless,
     JPEG2000,
+    RLELossless,
 )
 STORAGE_SOP_CLASSES: tuple[UID, ...] = (UID(MRImageStorage), UID(EnhancedMRImageStorage))
 MAX_PDU_BYTES = 262_144
@@ -66,8 +71,11 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 def build_ae(settings: Settings, sop_classes: Sequence[UID]) -> AE:
     ae = AE(ae_title=settings.ae_title)
+    # The limit is enforced when a connection is accepted (network.ConnectionLimits); pynetdicom's own check
+    # counts the same threads and stays as a backstop.
     ae.maximum_associations = settings.max_associations
     ae.network_timeout = settings.network_timeout_seconds
+    ae.acse_timeout = settings.network_timeout_seconds  # also how long a connection may take to ask
     ae.maximum_pdu_size = MAX_PDU_BYTES
     ae.add_supported_context(Verification)
     for sop_class in sop_classes:
@@ -82,7 +90,7 @@ class Listener:
         self._settings = settings
         self._context = context
         self._ae = build_ae(settings, storage_sop_classes(settings))
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedServer | None = None
 
     @property
     def port(self) -> int:
@@ -97,15 +105,25 @@ class Listener:
             (evt.EVT_ESTABLISHED, handlers.handle_established, [ctx]),
             (evt.EVT_RELEASED, handlers.handle_released, [ctx]),
             (evt.EVT_ABORTED, handlers.handle_aborted, [ctx]),
+            (evt.EVT_REJECTED, connections.handle_rejected, [ctx]),
             (evt.EVT_C_ECHO, handlers.handle_echo, [ctx]),
             (evt.EVT_C_STORE, handlers.handle_store, [ctx]),
         ]
-        self._server = self._ae.start_server(
-            (self._settings.bind_address, self._settings.port),
-            block=False,
-            ssl_context=tls_context(self._settings),
-            evt_handlers=evt_handlers,  # type: ignore[arg-type]
+        server = cast(
+            GuardedServer,
+            self._ae.make_server(
+                (self._settings.bind_address, self._settings.port),
+                ssl_context=tls_context(self._settings),
+                evt_handlers=evt_handlers,  # type: ignore[arg-type]
+                server_class=GuardedServer,
+                limits=ConnectionLimits(self._settings.max_associations, self._settings.max_associations_per_peer),
+                on_problem=functools.partial(connections.record_problem, ctx),
+            ),
         )
+        # As AE.start_server does for its own server: the AE shuts down the servers it knows.
+        self._ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
+        self._server = server
         log.info(
             "listening as %s on %s:%d%s",
             self._settings.ae_title,

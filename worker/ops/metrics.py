@@ -35,6 +35,10 @@ NAMESPACE = "ccfnet"
 INSTANCES_RECEIVED = Counter(
     "instances_received", "Instances stored durably and recorded (C-STORE or STOW-RS).", namespace=NAMESPACE
 )
+OWN_RESULTS_RETURNED = Counter(
+    "own_results_returned", "Our own result objects sent back to us: acknowledged, not analysed.",
+    namespace=NAMESPACE,
+)
 ASSOCIATIONS = Counter(
     "associations", "DICOM association requests by outcome; reason is set for rejections.",
     ["outcome", "reason"], namespace=NAMESPACE,
@@ -55,6 +59,10 @@ INFERENCE_SECONDS = Histogram(
 # Hooks: one call at each place where the thing happens ----------------------------------------------------
 def instance_received() -> None:
     INSTANCES_RECEIVED.inc()
+
+
+def own_result_returned() -> None:
+    OWN_RESULTS_RETURNED.inc()
 
 
 def association(outcome: str, reason: str = "") -> None:

@@ -46,7 +46,10 @@ def _file_bytes(ds: Dataset) -> bytes:
 def _store(ctx: IntakeContext, ds: Dataset, sender: Sender) -> bool:
     data = _file_bytes(ds)
     parsed = pydicom.dcmread(io.BytesIO(data))
-    return persist_instance(ctx, parsed, data, str(parsed.file_meta.TransferSyntaxUID), sender) is StoreStatus.SUCCESS
+    status = persist_instance(
+        ctx, parsed, data, str(parsed.file_meta.TransferSyntaxUID), sender, replace_different=True
+    )
+    return status is StoreStatus.SUCCESS
 
 
 # DICOMweb ---------------------------------------------------------------------------------------------------

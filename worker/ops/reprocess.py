@@ -50,13 +50,19 @@ class Planned:
     study_instance_uid: str
     instances: int
     job_id: int | None = None
+    missing_files: int = 0  # instances recorded whose spool file is gone: the study needs `--from pacs`
 
 
-def plan(sessions: sessionmaker[Session], studies: Sequence[Study]) -> list[Planned]:
+def plan(sessions: sessionmaker[Session], studies: Sequence[Study], spool: Path) -> list[Planned]:
+    """What a reprocess would run, with each study's instances whose spool file is gone (a job on such a
+    study fails, or runs on the files that are left)."""
     with sessions() as session:
-        return [
-            Planned(s.study_instance_uid, len(repo.study_uid_and_sop_uids(session, s.id)[1])) for s in studies
-        ]
+        planned = []
+        for study in studies:
+            instances = repo.spooled_instances(session, study.id)
+            missing = sum(1 for i in instances if not (spool / i.path).is_file())
+            planned.append(Planned(study.study_instance_uid, len(instances), missing_files=missing))
+        return planned
 
 
 def reprocess(

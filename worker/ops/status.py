@@ -84,3 +84,16 @@ def collect_status(settings: Settings, session: Session, now: dt.datetime) -> di
             for e in repo.dead_exports(session)
         ],
     }
+
+
+def association_status(session: Session, now: dt.datetime) -> dict[str, Any]:
+    """Open DICOM associations and what was refused or dropped in the last hour (``ccfnet status`` only: the
+    associations table has no index for this, so ``/metrics`` does not ask it on every scrape)."""
+    return {
+        "associations_open": [
+            {"id": a.id, "calling_ae": a.calling_ae, "peer": a.peer_address, "tls": a.tls,
+             "seconds": _age(now, a.started_at)}
+            for a in repo.open_associations(session)
+        ],
+        "associations_refused_last_hour": repo.refused_association_counts(session, now - dt.timedelta(hours=1)),
+    }

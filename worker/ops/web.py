@@ -174,6 +174,7 @@ def create_app(
 
     @app.post("/jobs/{job_id}/reprocess")
     def reprocess_job(job_id: int) -> RedirectResponse:
+        from worker.inference import configured_model_version
         from worker.ops.reprocess import reprocess
 
         with sessions() as session:
@@ -181,7 +182,7 @@ def create_app(
             study = repo.get_study(session, job.study_id) if job is not None else None
         if study is None:
             raise HTTPException(404, f"no job {job_id}")
-        made = reprocess(sessions, celery, [study], model_version=settings.model_version, now=clock())
+        made = reprocess(sessions, celery, [study], model_version=configured_model_version(settings), now=clock())
         log.info("job %d: study reprocessed from the ops page as job %s", job_id, made[0].job_id)
         return RedirectResponse(f"/jobs/{made[0].job_id or job_id}", status_code=303)
 

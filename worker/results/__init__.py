@@ -19,18 +19,17 @@ from worker.results.findings import (
 )
 from worker.results.key_image import build_key_image
 from worker.results.presentation_state import build_presentation_state
-from worker.results.segmentation import build_segmentation
-from worker.results.sr import OHIF_PROBE_TRACKING_IDENTIFIER, SR_TRACKING_MODES, SrTracking, build_sr
+from worker.results.segmentation import SEGMENTATION_KINDS, SegmentationKind, build_segmentation
+from worker.results.sr import build_sr
 
 __all__ = [
     "DISCS",
-    "OHIF_PROBE_TRACKING_IDENTIFIER",
-    "SR_TRACKING_MODES",
+    "SEGMENTATION_KINDS",
     "STRUCTURES",
     "VERTEBRAE",
     "AlgorithmIdentity",
     "AnalysisResult",
-    "SrTracking",
+    "SegmentationKind",
     "StructureFinding",
     "build_key_image",
     "build_presentation_state",
@@ -41,28 +40,27 @@ __all__ = [
 
 
 def build_results(
-    result: AnalysisResult, *, sr_tracking: str = "standard", include_segmentation: bool = False
+    result: AnalysisResult,
+    *,
+    include_segmentation: bool = False,
+    segmentation_kind: SegmentationKind = "binary",
 ) -> list[Dataset]:
-    """SR, GSPS and key image (and the probability SEG when asked), in that order.
-
-    `sr_tracking` "ohif" writes the SR with the tracking identifiers OHIF re-opens as editable points.
-    """
+    """SR, GSPS and key image (and the SEG when asked: BINARY regions, or FRACTIONAL heatmaps), in that order."""
     if not isinstance(result, AnalysisResult):
         raise TypeError('Argument "result" must have type AnalysisResult.')
-    if sr_tracking not in SR_TRACKING_MODES:
-        raise ValueError(
-            f'Argument "sr_tracking" must be one of {", ".join(SR_TRACKING_MODES)}, got {sr_tracking!r}.'
-        )
     if not isinstance(include_segmentation, bool):
         raise TypeError('Argument "include_segmentation" must be a bool.')
-    if include_segmentation and result.heatmaps is None:
-        raise ValueError('Argument "include_segmentation" is True but the result has no heatmaps.')
-    tracking: SrTracking = "ohif" if sr_tracking == "ohif" else "standard"
+    if segmentation_kind not in SEGMENTATION_KINDS:
+        raise ValueError(
+            f'Argument "segmentation_kind" must be one of {", ".join(SEGMENTATION_KINDS)}, got {segmentation_kind!r}.'
+        )
+    if include_segmentation and segmentation_kind == "fractional" and result.heatmaps is None:
+        raise ValueError('A fractional segmentation is asked for but the result has no heatmaps.')
     objects: list[Dataset] = [
-        build_sr(result, tracking=tracking),
+        build_sr(result),
         build_presentation_state(result),
         build_key_image(result),
     ]
     if include_segmentation:
-        objects.append(build_segmentation(result))
+        objects.append(build_segmentation(result, kind=segmentation_kind))
     return objects

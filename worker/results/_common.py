@@ -108,14 +108,27 @@ def software_versions(algorithm: AlgorithmIdentity) -> tuple[str, str]:
     return (algorithm.software_version, algorithm.model_version)
 
 
+def weights_text(algorithm: AlgorithmIdentity) -> str:
+    """'weights sha256 c4788c...' (the whole digest), or '' for a card written without one."""
+    return f"weights sha256 {algorithm.weights_sha256}" if algorithm.weights_sha256 else ""
+
+
+def identity_text(algorithm: AlgorithmIdentity) -> str:
+    """The unverified-AI description with the full weights digest, for free-text attributes without a short
+    length limit (ST/LT): which weights made the object, checkable against the model file."""
+    weights = weights_text(algorithm)
+    return f"{description(algorithm)}; {weights}" if weights else description(algorithm)
+
+
 def contributing_equipment(algorithm: AlgorithmIdentity) -> hd.ContributingEquipment:
-    """The algorithm as IHE AI Results identifies it: processing equipment with name, versions, device UID."""
+    """The algorithm as IHE AI Results identifies it: processing equipment with name, versions (the model
+    version carries the weights' sha256 prefix), device UID, and the full digest in the description."""
     item = hd.ContributingEquipment(
         manufacturer=algorithm.manufacturer,
         purpose_of_reference=codes.PROCESSING_EQUIPMENT,
         manufacturer_model_name=algorithm.model_name,
         software_versions=list(software_versions(algorithm)),
-        contribution_description=description(algorithm),
+        contribution_description=identity_text(algorithm),
     )
     # Device UID (0018,1002) belongs to the sequence item (SOP Common module) but highdicom has no argument.
     item.DeviceUID = algorithm.device_uid

@@ -7,18 +7,24 @@ Schemes:
 - UCUM: units.
 - LN: LOINC (procedure reported, CID 100).
 - 99CCFNET: our private scheme (see below).
-- CORNERSTONEJS: the scheme OHIF / Cornerstone3D use for free-text labels; only in the OHIF tracking mode.
 
 Disc codes follow SNOMED CT's anatomical convention of naming an intervertebral disc after the vertebra
 above it: "intervertebral disc structure of fourth lumbar vertebra" is the L4-L5 disc, "... of twelfth
 thoracic vertebra" is T12-L1 and "... of fifth lumbar vertebra" is L5-S1.
 
+Standard codes are used wherever the concept exists and its code could be checked: anatomy and "Normal" /
+"Abnormal" and the procedure (LN 25056-3, CID 100) against DICOM PS3.16 (pydicom's concept dictionary);
+"Herniation of intervertebral disc" (SCT 73589001) and "Degeneration of intervertebral disc" (SCT 77547008)
+against two independent published SNOMED CT value sets each (this machine has no SNOMED CT browser).
+
 The private scheme 99CCFNET (coding scheme designator "99CCFNET", a "99"-prefixed local designator as PS3.3
-8.2 allows) holds the concepts for which no SNOMED CT / DCM code could be verified when this module was
-written: the four abnormal challenge diagnoses, the localisation confidence and "probability of abnormality"
-(DCM 122157 "Probability" exists but does not say *of what*, and a reader of "Normal, probability 0.12" would
-take it as P(normal)). Every object that uses it carries a Coding Scheme Identification Sequence item
-(`PRIVATE_SCHEME`). Code values are stable: never reuse one for another meaning; add new ones at the end.
+8.2 allows) holds the concepts that are more specific than any standard code that could be verified: disc
+bulge (under disc degeneration), protrusion and extrusion (each a kind of herniation), Schmorl's node,
+vertebral degeneration; the localisation confidence and "probability of abnormality" (DCM 122157
+"Probability" exists but does not say *of what*). `STANDARD_PARENTS` names the standard concept each private
+finding belongs under (docs/conformance.md shows the table). Every object that uses the scheme carries a Coding
+Scheme Identification Sequence item (`PRIVATE_SCHEME`). Code values are stable: never reuse one for another
+meaning; add new ones at the end.
 """
 
 from __future__ import annotations
@@ -29,8 +35,6 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.coding import Code
 
 PRIVATE_SCHEME_DESIGNATOR: Final = "99CCFNET"
-OHIF_SCHEME_DESIGNATOR: Final = "CORNERSTONEJS"
-OHIF_FREE_TEXT_CODE_VALUE: Final = "CORNERSTONEFREETEXT"
 
 
 def private_scheme() -> CodingSchemeIdentificationItem:
@@ -41,22 +45,6 @@ def private_scheme() -> CodingSchemeIdentificationItem:
         version="1",
         responsible_organization="ccfnet-worker",
     )
-
-
-def ohif_scheme() -> CodingSchemeIdentificationItem:
-    """The Coding Scheme Identification item for OHIF's free-text label scheme."""
-    return CodingSchemeIdentificationItem(
-        designator=OHIF_SCHEME_DESIGNATOR,
-        name="Cornerstone3D free-text labels",
-        responsible_organization="OHIF / Cornerstone3D",
-    )
-
-
-def ohif_free_text(label: str) -> Code:
-    """OHIF's free-text label as a code: the text is the code meaning (LO, at most 64 characters)."""
-    if not label or len(label) > 64:
-        raise ValueError(f"OHIF free-text label must be 1..64 characters, got {len(label)}")
-    return Code(OHIF_FREE_TEXT_CODE_VALUE, OHIF_SCHEME_DESIGNATOR, label)
 
 
 # Anatomy: finding sites (SR) and segmented property types (SEG).
@@ -86,8 +74,11 @@ STRUCTURE_SITES: Final[dict[str, Code]] = {
     "L5-S1": L5_S1_DISC,
 }
 
-# Diagnoses (the challenge labels).
+# Diagnoses (the challenge labels, and the grades the model reports).
 NORMAL: Final = Code("17621005", "SCT", "Normal")
+ABNORMAL: Final = Code("263654008", "SCT", "Abnormal")
+DISC_DEGENERATION: Final = Code("77547008", "SCT", "Degeneration of intervertebral disc")
+DISC_HERNIATION: Final = Code("73589001", "SCT", "Herniation of intervertebral disc")
 VERTEBRAL_DEGENERATION: Final = Code("CCF1001", PRIVATE_SCHEME_DESIGNATOR, "Vertebral degeneration")
 DISC_BULGE: Final = Code("CCF1002", PRIVATE_SCHEME_DESIGNATOR, "Intervertebral disc bulge")
 DISC_PROTRUSION: Final = Code("CCF1003", PRIVATE_SCHEME_DESIGNATOR, "Intervertebral disc protrusion")
@@ -104,13 +95,24 @@ DIAGNOSES: Final[dict[tuple[str, str], Code]] = {
     ("disc", "v5"): SCHMORL_NODE,
 }
 
+# The standard concept each private finding is a kind of (None: no standard parent could be verified).
+STANDARD_PARENTS: Final[dict[Code, Code | None]] = {
+    VERTEBRAL_DEGENERATION: None,
+    DISC_BULGE: DISC_DEGENERATION,
+    DISC_PROTRUSION: DISC_HERNIATION,
+    DISC_EXTRUSION: DISC_HERNIATION,
+    SCHMORL_NODE: None,
+}
+
 # Measurements and their units.
 PROBABILITY_OF_ABNORMALITY: Final = Code("CCF2001", PRIVATE_SCHEME_DESIGNATOR, "Probability of abnormality")
 LOCALIZATION_CONFIDENCE: Final = Code("CCF2002", PRIVATE_SCHEME_DESIGNATOR, "Localization confidence")
-UNIT_PROBABILITY: Final = Code("{probability}", "UCUM", "probability")
-UNIT_NONE: Final = Code("1", "UCUM", "no units")
+UNIT_PERCENT: Final = Code("%", "UCUM", "percent")
 
 # Report structure.
+# TID 1500's Procedure Reported takes CID 100, which has no lumbar spine MR procedure, and PixelMed's validator
+# refuses codes outside it (SCT 433141005 "Magnetic resonance imaging of lumbar and sacral spine" was tried):
+# the procedure is CID 100's MR entry, and the lumbar spine is coded at every finding site.
 PROCEDURE_REPORTED: Final = Code("25056-3", "LN", "MRI unspecified body region")
 COMMENT: Final = Code("121106", "DCM", "Comment")
 DEVICE_OBSERVER: Final = Code("121007", "DCM", "Device")

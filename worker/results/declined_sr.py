@@ -94,7 +94,7 @@ def _impressions(declined: DeclinedStudy, source: Dataset) -> hd.sr.ContainerCon
         impression,
         hd.sr.TextContentItem(
             name=codes.COMMENT,
-            value=f"No findings were produced. {_common.description(declined.algorithm)}",
+            value=f"No findings were produced. {_common.identity_text(declined.algorithm)}",
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         ),
     ])

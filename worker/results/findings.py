@@ -31,6 +31,7 @@ LABEL_NAMES: Final[dict[str, dict[str, str]]] = {
 }
 
 _UID_RE: Final = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 _MONOCHROME: Final = frozenset({"MONOCHROME1", "MONOCHROME2"})
 
 
@@ -100,7 +101,7 @@ class StructureFinding:
         """The probability of the stated finding in whole percent: P(abnormal) for an abnormal grade, else
         P(normal) = 1 - P(abnormal), so the number always backs the word beside it."""
         stated = self.probability if self.label != "v1" else 1.0 - self.probability
-        return int(round(100.0 * stated))
+        return round(100.0 * stated)
 
     @property
     def text(self) -> str:
@@ -117,8 +118,10 @@ class StructureFinding:
 class AlgorithmIdentity:
     """The algorithm as IHE AI Results names it: equipment attributes plus the model card's device UID.
 
-    `phantom_only` marks a model trained on synthetic studies only: its results say so and are flagged as
-    research content.
+    All of it comes from the checkpoint that ran: `model_name` and `device_uid` from its card, `model_version`
+    the card's version with the start of the weights' sha256 (``0.1.0@c4788c709397``), `weights_sha256` the
+    whole digest (empty only for a card written without one). `phantom_only` marks a model trained on synthetic
+    studies only: its results say so and are flagged as research content.
     """
 
     manufacturer: str
@@ -127,6 +130,7 @@ class AlgorithmIdentity:
     model_version: str
     device_uid: str
     phantom_only: bool = False
+    weights_sha256: str = ""
 
     def __post_init__(self) -> None:
         for name in ("manufacturer", "model_name", "software_version", "model_version"):
@@ -140,6 +144,10 @@ class AlgorithmIdentity:
                 )
         if not isinstance(self.device_uid, str) or not is_valid_uid(self.device_uid):
             raise ValueError(f"device_uid must be a valid DICOM UID, got {self.device_uid!r}")
+        if not isinstance(self.weights_sha256, str) or not (
+            self.weights_sha256 == "" or _SHA256_RE.match(self.weights_sha256)
+        ):
+            raise ValueError(f"weights_sha256 must be 64 lowercase hex digits, got {self.weights_sha256!r}")
         if not isinstance(self.phantom_only, bool):
             raise TypeError(f"phantom_only must be a bool, got {type(self.phantom_only).__name__}")
 

@@ -158,9 +158,12 @@ def build_key_image(
     )
     sc.copy_patient_and_study_information(source)
     sc.PatientOrientation = list(orientation)
+    # highdicom writes Modality OT; OHIF plays OT (and US) series as cine, whose bar covers the image. The
+    # source's modality makes viewers show the key image as the still it is.
+    sc.Modality = source.get("Modality") or "OT"
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = _common.description(algorithm)
+    sc.ImageComments = _common.identity_text(algorithm)
     sc.DerivationDescription = _common.description(algorithm)
     sc.SourceImageSequence = DicomSequence([_source_image_reference(source)])
     _common.copy_body_part(sc, source)

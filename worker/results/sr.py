@@ -1,22 +1,27 @@
-"""Comprehensive 3D SR with a TID 1500 Measurement Report: one measurement group per structure.
+"""Comprehensive 3D SR with a TID 1500 Measurement Report: one TID 1501 measurement group per structure.
 
-Two layouts, chosen by `tracking`:
+Each group holds the tracking identifier and UID (TID 4108), the diagnosis as the coded "Finding" (DCM 121071),
+the finding site (SNOMED CT, the level coded), TID 4019 algorithm identification, the probability of abnormality
+and the localisation confidence as NUM measurements in percent (UCUM "%"), each INFERRED FROM the structure's
+point (SCOORD POINT on the source image, TID 300 / TID 320), and a Comment (DCM 121106) with the label a person
+reads ("L4-L5 disc: protrusion, 87 %").
 
-- "standard": each group is TID 1410 (Planar ROI Measurements and Qualitative Evaluations) with the level as
-  its tracking identifier ("L4-L5"), a tracking UID, the point as an Image Region SCOORD POINT on the source
-  image, the finding site (SNOMED CT), the diagnosis as the coded "Finding" (DCM 121071), the probability of
-  abnormality and the localisation confidence as NUM measurements, and TID 4019 algorithm identification.
-- "ohif": what OHIF / Cornerstone3D re-open as editable Probe annotations. OHIF chooses the tool from the
-  tracking identifier text, which must be "Cornerstone3DTools@^0.1.0:Probe"; its reader takes the point from a
-  NUM item's INFERRED FROM SCOORD (TID 1501 with TID 300 coordinates; cornerstone's own Probe writes exactly
-  this) and the annotation label from a Comment (DCM 121106) TEXT item (Cornerstone3D 3.x) or else a
-  CORNERSTONEJS "CORNERSTONEFREETEXT" finding site (older OHIF). Since the tracking identifier is taken,
-  the level goes into those label items ("L4-L5 protrusion 0.87") and stays in the coded finding site.
+Why this layout (OHIF 3.13, Cornerstone3D adapters 5.6; docs/conformance.md 5.1 has the source lines):
+
+- The tracking identifier is `Cornerstone3DTools@^0.1.0:ArrowAnnotate:<level>`. The adapters choose the tool a
+  group opens as from the identifier's prefix; for any other identifier they fall back to the graphic type, and a
+  point then opens as a Probe, which draws the pixel index and value on the image, not the label. An
+  ArrowAnnotate draws the label (taken from the Comment) beside an arrow to the point, and cornerstone moves
+  labels apart when they would cover each other. The level after the prefix keeps the identifier unique per
+  structure, as DCM 112039 asks; the level is also in the Comment and coded as the finding site.
+- No top-level SCOORD (no TID 1410 region group): before the measurements are tracked, OHIF's SR view prints
+  the finding site of a group with a top-level SCOORD as "363698007: <site>"; without one it prints the Comment
+  and the numbers.
 """
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final
 
 import highdicom as hd
 import numpy as np
@@ -25,17 +30,20 @@ from pydicom.dataset import Dataset
 from worker.results import _common, codes
 from worker.results.findings import AnalysisResult, StructureFinding
 
-SrTracking = Literal["standard", "ohif"]
-SR_TRACKING_MODES: Final[tuple[str, ...]] = ("standard", "ohif")
-OHIF_PROBE_TRACKING_IDENTIFIER: Final = "Cornerstone3DTools@^0.1.0:Probe"
+PERCENT_DECIMALS: Final = 1
+# The tracking identifier prefix that makes OHIF open a group as a labelled arrow (module docstring).
+OHIF_ARROW_PREFIX: Final = "Cornerstone3DTools@^0.1.0:ArrowAnnotate"
 
 
 def _algorithm_identification(result: AnalysisResult) -> hd.sr.AlgorithmIdentification:
-    """TID 4019: model name and model version, manufacturer."""
+    """TID 4019: model name and model version (with the weights' sha256 prefix), manufacturer, and the full
+    weights digest as the algorithm parameter."""
+    weights = _common.weights_text(result.algorithm)
     return hd.sr.AlgorithmIdentification(
         name=result.algorithm.model_name,
         version=result.algorithm.model_version,
         manufacturer=result.algorithm.manufacturer,
+        parameters=[weights] if weights else None,
     )
 
 
@@ -55,70 +63,59 @@ def _observation_context(result: AnalysisResult) -> hd.sr.ObservationContext:
     )
 
 
-def _measurements(
-    finding: StructureFinding, coordinates: hd.sr.CoordinatesForMeasurement | None
-) -> list[hd.sr.Measurement]:
-    """Probability of abnormality and localisation confidence (TID 300), maybe inferred from the point."""
-    references = [coordinates] if coordinates is not None else None
-    return [
-        hd.sr.Measurement(
-            name=codes.PROBABILITY_OF_ABNORMALITY,
-            value=finding.probability,
-            unit=codes.UNIT_PROBABILITY,
-            referenced_coordinates=references,
-        ),
-        hd.sr.Measurement(
-            name=codes.LOCALIZATION_CONFIDENCE,
-            value=finding.confidence,
-            unit=codes.UNIT_NONE,
-            referenced_coordinates=references,
-        ),
-    ]
+def _percent(fraction: float) -> float:
+    """A fraction in [0, 1] as a percentage to 0.1 %: what the numbers mean, printed readably by viewers."""
+    return round(100.0 * fraction, PERCENT_DECIMALS)
 
 
 def _point(finding: StructureFinding) -> np.ndarray:
     return np.array([finding.point_px], dtype=np.float64)
 
 
-def _standard_group(
-    result: AnalysisResult, source: Dataset, finding: StructureFinding
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POINT,
-        graphic_data=_point(finding),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
-    )
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_common.tracking_uid(result, finding), identifier=finding.name
-        ),
-        referenced_region=region,
-        finding_type=codes.DIAGNOSES[(finding.kind, finding.label)],
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.STRUCTURE_SITES[finding.name])],
-        algorithm_id=_algorithm_identification(result),
-        measurements=_measurements(finding, None),
-    )
+def tracking_identifier(finding: StructureFinding) -> str:
+    """The structure's tracking identifier, e.g. 'Cornerstone3DTools@^0.1.0:ArrowAnnotate:L4-L5'."""
+    return f"{OHIF_ARROW_PREFIX}:{finding.name}"
 
 
-def _ohif_group(
+def _tracking(result: AnalysisResult, finding: StructureFinding) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=_common.tracking_uid(result, finding), identifier=tracking_identifier(finding))
+
+
+def _finding_sites(finding: StructureFinding) -> list[hd.sr.FindingSite]:
+    return [hd.sr.FindingSite(anatomic_location=codes.STRUCTURE_SITES[finding.name])]
+
+
+def _measurement_group(
     result: AnalysisResult, source: Dataset, finding: StructureFinding
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    coordinates = hd.sr.CoordinatesForMeasurement(
-        graphic_type=hd.sr.GraphicTypeValues.POINT,
-        graphic_data=_point(finding),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
-    )
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_common.tracking_uid(result, finding), identifier=OHIF_PROBE_TRACKING_IDENTIFIER
+    """TID 1501: what the structure is, the numbers (each inferred from its point) and the label."""
+    coordinates = [
+        hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POINT,
+            graphic_data=_point(finding),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+        )
+    ]
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.PROBABILITY_OF_ABNORMALITY,
+            value=_percent(finding.probability),
+            unit=codes.UNIT_PERCENT,
+            referenced_coordinates=coordinates,
         ),
+        hd.sr.Measurement(
+            name=codes.LOCALIZATION_CONFIDENCE,
+            value=_percent(finding.confidence),
+            unit=codes.UNIT_PERCENT,
+            referenced_coordinates=coordinates,
+        ),
+    ]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(result, finding),
         finding_type=codes.DIAGNOSES[(finding.kind, finding.label)],
-        finding_sites=[
-            hd.sr.FindingSite(anatomic_location=codes.STRUCTURE_SITES[finding.name]),
-            hd.sr.FindingSite(anatomic_location=codes.ohif_free_text(finding.text)),
-        ],
+        finding_sites=_finding_sites(finding),
         algorithm_id=_algorithm_identification(result),
-        measurements=_measurements(finding, coordinates),
+        measurements=measurements,
     )
     group[0].ContentSequence.append(
         hd.sr.TextContentItem(
@@ -133,7 +130,6 @@ def _ohif_group(
 def build_sr(
     result: AnalysisResult,
     *,
-    tracking: SrTracking = "standard",
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
@@ -144,25 +140,17 @@ def build_sr(
     """
     if not isinstance(result, AnalysisResult):
         raise TypeError('Argument "result" must have type AnalysisResult.')
-    if tracking not in SR_TRACKING_MODES:
-        raise ValueError(
-            f'Argument "tracking" must be one of {", ".join(SR_TRACKING_MODES)}, got {tracking!r}.'
-        )
     series_uid = _common.new_uid(series_instance_uid, "series_instance_uid")
     instance_uid = _common.new_uid(sop_instance_uid, "sop_instance_uid")
     source = _common.working_source(result)
 
-    make_group = _standard_group if tracking == "standard" else _ohif_group
-    groups = [make_group(result, source, finding) for finding in result.findings]
+    groups = [_measurement_group(result, source, finding) for finding in result.findings]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result),
         procedure_reported=codes.PROCEDURE_REPORTED,
         imaging_measurements=groups,
         referenced_images=[source],
     )
-    coding_schemes = [codes.private_scheme()]
-    if tracking == "ohif":
-        coding_schemes.append(codes.ohif_scheme())
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source],
         content=report[0],
@@ -176,7 +164,7 @@ def build_sr(
         is_verified=False,
         contributing_equipment=[_common.contributing_equipment(result.algorithm)],
         series_description=_common.SR_SERIES.description,
-        coding_schemes=coding_schemes,
+        coding_schemes=[codes.private_scheme()],
         specific_character_set=_common.character_set(result),
     )
     _common.mark_equipment(sr, result.algorithm)
