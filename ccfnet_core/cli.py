@@ -262,6 +262,26 @@ def evaluate(
     _emit(summary, as_json, text)
 
 
+@_guarded
+def fit_readout(
+    data: Path = typer.Option(..., help="tianchi-slices folder or challenge-layout folder"),
+    folds: Path = typer.Option(..., help="folds file: the fold models beside the checkpoint give out-of-fold outputs"),
+    checkpoint: Path | None = typer.Option(None, help="default: $CCFNET_MODEL_PATH or the shipped model"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Fit calibration, operating points, the disc grade rule and the level check on out-of-fold outputs, and write
+    them into the cards: each fold model's fitted on the other folds (so `evaluate --folds` is nested), the
+    checkpoint's on all of them (`ccfnet_core.fit_readout`)."""
+    from ccfnet_core.checkpoint import default_model_path
+    from ccfnet_core.fit_readout import ReadoutAims, fit_readout_into_cards
+
+    checkpoint = checkpoint or default_model_path()
+    samples, fold_of = _usable_with_folds(data, folds)
+    readout = fit_readout_into_cards(checkpoint, samples, fold_of, ReadoutAims(), device,
+                                     log=lambda line: typer.echo(line, err=True))
+    typer.echo(json.dumps({"checkpoint": str(checkpoint), "readout": readout.to_dict()}, default=_json_default))
+
+
 # --------------------------------------------------------------------------------------------- pair
 @_guarded
 def pair(
@@ -348,6 +368,47 @@ def attach_grader(
         card = attach(network, grader, out, network_share)
     typer.echo(json.dumps({"model": str(out), "arch": card.arch, "weights_sha256": card.weights_sha256,
                            "fold_models": folds, "network_share": network_share}))
+
+
+@_guarded
+def train_grade_grader(
+    data: Path = typer.Option(..., help="tianchi-slices folder or challenge-layout folder"),
+    folds: Path = typer.Option(..., help="folds file: one grade grader per fold (held out), then the final one"),
+    out: Path = typer.Option(..., help="final grade grader checkpoint; fold ones go to <stem>.folds/fold<k>.pt"),
+    epochs: int = typer.Option(30),
+    seed: int = typer.Option(0),
+    fold: list[int] | None = typer.Option(None, help="train only this fold (-1: the final one); repeatable"),
+) -> None:
+    """Train the disc grade grader (normal, bulge, protrusion, extrusion, Schmorl's node) of every fold and the
+    final one on all usable studies (those that exist are kept)."""
+    from ccfnet_core.disc_grades import GradeRecipe, train_grade_grader_folds
+
+    samples, fold_of = _usable_with_folds(data, folds)
+    paths = train_grade_grader_folds(samples, fold_of, out, GradeRecipe(epochs=epochs, seed=seed),
+                                     f"{data.name}, unflagged studies", log=lambda line: typer.echo(line, err=True),
+                                     only=fold or None)
+    typer.echo(json.dumps({"grade_grader": str(out), "fold_grade_graders": [str(p) for p in paths[:-1]]}))
+
+
+@_guarded
+def attach_grade_grader(
+    model: Path = typer.Option(..., help="graded (or refined graded) checkpoint to add the disc grade grader to"),
+    grade_grader: Path = typer.Option(..., help="disc grade grader checkpoint (ccfnet train-grade-grader)"),
+    out: Path = typer.Option(..., help="checkpoint to write (<...>-graded<n>-grades)"),
+    folds: int = typer.Option(0, help="also attach the K fold grade graders to the K fold models (<stem>.folds/)"),
+    int8: bool = typer.Option(False, help="store conv weights as int8 per output channel (float16 otherwise)"),
+) -> None:
+    """One checkpoint: the model unchanged, plus a disc grade (normal, bulge, protrusion, extrusion, Schmorl's node)
+    read at each found disc."""
+    from ccfnet_core.disc_grades import attach_grade_grader as attach
+    from ccfnet_core.disc_grades import attach_grade_grader_with_folds
+
+    if folds:
+        card = attach_grade_grader_with_folds(model, grade_grader, out, folds, int8)
+    else:
+        card = attach(model, grade_grader, out, int8)
+    typer.echo(json.dumps({"model": str(out), "arch": card.arch, "weights_sha256": card.weights_sha256,
+                           "dtype": card.dtype, "fold_models": folds}))
 
 
 # --------------------------------------------------------------------------------------------- refiner
@@ -493,11 +554,14 @@ def register(app: typer.Typer) -> None:
     app.command("model-info")(model_info)
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+    app.command("fit-readout")(fit_readout)
     app.command("predict")(predict)
     app.command("pair")(pair)
     app.command("add-localiser")(add_localiser)
     app.command("train-grader")(train_grader)
     app.command("attach-grader")(attach_grader)
+    app.command("train-grade-grader")(train_grade_grader)
+    app.command("attach-grade-grader")(attach_grade_grader)
     app.command("train-refiner")(train_refiner)
     app.command("attach-refiner")(attach_refiner)
     app.command("phantom")(phantom)
