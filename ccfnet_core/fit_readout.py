@@ -37,7 +37,7 @@ from ccfnet_core.readout import (
 from ccfnet_core.sample import Prediction, SliceSample
 from ccfnet_core.structures import StructureType, structure_type
 
-PRIOR_GRID: Final[tuple[float, ...]] = tuple(np.round(np.arange(-2.0, 2.01, 0.25), 2))
+PRIOR_GRID: Final[tuple[float, ...]] = tuple(float(v) for v in np.round(np.arange(-2.0, 2.01, 0.25), 2))
 SLOPE_GRID: Final[tuple[float, ...]] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -120,7 +120,8 @@ def choose_calibration(
         out = np.empty_like(p)
         for f in np.unique(fold):
             mine = fold == f
-            out[mine] = cal.fit(method, p[~mine], y[~mine])(p[mine])
+            usable = ~mine if len(np.unique(y[~mine])) == 2 else np.ones_like(mine)  # one fold: in-sample
+            out[mine] = cal.fit(method, p[usable], y[usable])(p[mine])
         eces[method] = cal.expected_calibration_error(out, y)
     best = min(eces.values())
     return next(m for m in cal.METHODS if eces[m] <= best + tolerance), eces
@@ -206,6 +207,11 @@ def fit(outputs: Outputs, aims: ReadoutAims, fitted_on: str) -> Readout:
     for kind in KINDS:
         mine = (outputs.kind == kind.value) & np.isfinite(outputs.target)
         p, y = outputs.probability[mine], outputs.target[mine]
+        if len(np.unique(y)) < 2:
+            raise ValueError(
+                f"the out-of-fold outputs have {int(mine.sum())} localised {kind.value} points with a target, "
+                f"{int(y.sum())} abnormal: a readout needs normal and abnormal ones"
+            )
         method, eces = choose_calibration(p, y, point_fold[mine], aims.calibration_tolerance)
         calibrations[kind] = cal.fit(method, p, y)
         calibrated[outputs.kind == kind.value] = calibrations[kind](outputs.probability[outputs.kind == kind.value])

@@ -21,12 +21,13 @@ from ccfnet_core.sample import Prediction
 from ccfnet_core.structures import (
     DISC_LABELS,
     NUM_STRUCTURES,
+    UNSPECIFIED_GRADE,
     StructureType,
     predicted_label,
     structure_type,
 )
 
-ABNORMAL_UNSPECIFIED: Final[str] = "abnormal"  # the grade word where no grade is supported with enough confidence
+ABNORMAL_UNSPECIFIED: Final[str] = UNSPECIFIED_GRADE  # the stated grade where none is supported with enough confidence
 GRADE_CLASSES: Final[tuple[str, ...]] = tuple(DISC_LABELS)  # v1..v5, the grade grader's output order
 ABNORMAL_GRADES: Final[tuple[str, ...]] = ("v2", "v3", "v4")  # what an abnormal disc's grade is chosen among
 SCHMORL: Final[str] = "v5"
@@ -81,10 +82,10 @@ class GradeRule:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "log_priors": dict(zip(ABNORMAL_GRADES, self.log_priors, strict=True)),
-            "slopes": dict(zip(ABNORMAL_GRADES, self.slopes, strict=True)),
-            "min_share": self.min_share,
-            "schmorl_threshold": self.schmorl_threshold,
+            "log_priors": {g: float(v) for g, v in zip(ABNORMAL_GRADES, self.log_priors, strict=True)},
+            "slopes": {g: float(v) for g, v in zip(ABNORMAL_GRADES, self.slopes, strict=True)},
+            "min_share": float(self.min_share),
+            "schmorl_threshold": None if self.schmorl_threshold is None else float(self.schmorl_threshold),
         }
 
     @classmethod
