@@ -18,6 +18,7 @@ from ccfnet_core.inference import Predictor
 from ccfnet_core.metrics import challenge_metrics, confusion_matrices, miss_breakdown, paper_metrics
 from ccfnet_core.reading_metrics import reading_summary
 from ccfnet_core.sample import Prediction, SliceSample
+from ccfnet_core.structures import DISC_INDICES, VERTEBRA_INDICES
 
 PAPER_KEYS = ("L-Disc", "L-Vertebra", "C-Disc", "C-Vertebra", "Score")
 
@@ -155,7 +156,8 @@ def record_in_card(checkpoint: Path, summary: dict[str, Any], per_fold: dict[int
 def write_figures(
     out_dir: Path, samples: Sequence[SliceSample], predictions: Sequence[Prediction], max_overlays: int = 8
 ) -> dict[str, str]:
-    """Overlay of a few studies, per-level error box plot, ROC curves; returns the paths written."""
+    """Overlay of a few studies, per-level error box plot, ROC curves, a reliability diagram per structure kind
+    (localised points with a target, as the C metric and the ECE); returns the paths written."""
     from ccfnet_core import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,9 +166,17 @@ def write_figures(
     probabilities = np.stack([p.probabilities for p in predictions])
     localised = np.nan_to_num(errors, nan=np.inf) <= 6.0
     pick = np.linspace(0, len(samples) - 1, num=min(max_overlays, len(samples))).astype(int)
-    return {
+    figures = {
         "overlay": str(plots.overlay(out_dir / "overlay.png", [samples[i] for i in pick],
                                      [predictions[i] for i in pick])),
         "per_level_error": str(plots.per_level_error(out_dir / "per_level_error.png", errors)),
         "roc": str(plots.roc_curves(out_dir / "roc.png", targets, probabilities, localised)),
     }
+    for name, indices in (("vertebra", VERTEBRA_INDICES), ("disc", DISC_INDICES)):
+        columns = list(indices)
+        keep = np.isfinite(targets[:, columns]) & localised[:, columns]
+        if keep.any():
+            path = out_dir / f"reliability_{name}.png"
+            t, p = targets[:, columns][keep], probabilities[:, columns][keep]
+            figures[f"reliability_{name}"] = str(plots.reliability_diagram(path, name, p, t))
+    return figures

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ccfnet_core import calibration as cal
 from ccfnet_core.checkpoint import read_card, write_card
@@ -33,12 +35,12 @@ from ccfnet_core.readout import (
     LevelCheck,
     OperatingPoint,
     Readout,
+    grade_features,
 )
 from ccfnet_core.sample import Prediction, SliceSample
 from ccfnet_core.structures import StructureType, structure_type
 
 PRIOR_GRID: Final[tuple[float, ...]] = tuple(float(v) for v in np.round(np.arange(-2.0, 2.01, 0.25), 2))
-SLOPE_GRID: Final[tuple[float, ...]] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
@@ -158,41 +160,87 @@ def _grade_f1(truth: np.ndarray, chosen: np.ndarray, called: np.ndarray) -> floa
     return float(np.mean(f1s))
 
 
-def fit_grade_rule(
-    grades: np.ndarray, probability: np.ndarray, truth: np.ndarray, called: np.ndarray, aims: ReadoutAims
-) -> tuple[GradeRule, dict[str, Any]]:
-    """The grade priors and slopes, the share needed to state a grade and the Schmorl's node threshold, fitted on
-    localised discs (`grades` (P, 5), their calibrated `probability`, `truth` v1..v5, `called` abnormal)."""
-    best: tuple[float, GradeRule] = (-1.0, GradeRule())
-    for priors in product([0.0], PRIOR_GRID, PRIOR_GRID):
-        for slopes in product([0.0], SLOPE_GRID, SLOPE_GRID):
-            rule = GradeRule(log_priors=priors, slopes=slopes)
-            chosen = np.array(ABNORMAL_GRADES)[rule.abnormal_shares(grades, probability).argmax(axis=1)]
-            score = _grade_f1(truth, chosen, called)
-            if score > best[0] + 1e-9:
-                best = (score, rule)
-    rule = best[1]
-    shares = rule.abnormal_shares(grades, probability)
-    chosen = np.array(ABNORMAL_GRADES)[shares.argmax(axis=1)]
-    top = shares.max(axis=1)
-    graded = called & np.isin(truth, ABNORMAL_GRADES)
-    min_share = 1.0
-    for candidate in np.arange(0.34, 1.0, 0.02):
-        stated = graded & (top >= candidate)
-        if stated.sum() >= 10 and (chosen[stated] == truth[stated]).mean() >= aims.grade_accuracy:
-            min_share = float(round(candidate, 2))
-            break
-    schmorl = grades[:, GRADE_CLASSES.index(SCHMORL)]
-    is_node = truth == SCHMORL
+def fit_grade_posterior(features: np.ndarray, truth: np.ndarray, ridge: float = 1e-4) -> GradeRule:
+    """The multinomial logistic regression of the abnormal grade (v2..v4 in `truth`) on `features` (P, 4): maximum
+    likelihood with a small ridge towards the default rule (q renormalised), by L-BFGS."""
+    target = torch.as_tensor(np.searchsorted(np.array(ABNORMAL_GRADES), truth), dtype=torch.long)
+    x = torch.as_tensor(features, dtype=torch.float64)
+    start = torch.tensor(GradeRule().weights, dtype=torch.float64)
+    weights = start.clone().requires_grad_(True)
+    biases = torch.zeros(len(ABNORMAL_GRADES), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weights, biases], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = F.cross_entropy(x @ weights.T + biases, target) + ridge * ((weights - start) ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    fitted = biases.detach()
+    return GradeRule(
+        weights=tuple(tuple(float(v) for v in row) for row in weights.detach()),
+        biases=(float(fitted[0]), float(fitted[1]), float(fitted[2])),
+    )
+
+
+def schmorl_threshold(scores: np.ndarray, is_node: np.ndarray) -> tuple[float, float | None]:
+    """The q[v5] at which flagging a Schmorl's node has the best F1, and that F1 (None: no node to find)."""
     best_f1, best_threshold = 0.0, None
-    for threshold in np.unique(np.round(schmorl, 3)):
-        flagged = schmorl >= threshold
+    for threshold in np.unique(np.round(scores, 3)):
+        flagged = scores >= threshold
         tp, fp, fn = int((flagged & is_node).sum()), int((flagged & ~is_node).sum()), int((~flagged & is_node).sum())
         f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
         if f1 > best_f1:
             best_f1, best_threshold = f1, float(threshold)
-    offered = best_threshold if best_f1 >= aims.schmorl_min_f1 else None
-    facts = {"grade_mean_f1_fitted": best[0], "schmorl_f1_fitted": best_f1, "schmorl_threshold_best": best_threshold}
+    return best_f1, best_threshold
+
+
+def fit_grade_rule(
+    grades: np.ndarray,
+    probability: np.ndarray,
+    truth: np.ndarray,
+    called: np.ndarray,
+    fold: np.ndarray,
+    aims: ReadoutAims,
+) -> tuple[GradeRule, dict[str, Any]]:
+    """The grade posterior, the label priors, the posterior needed to state a grade and the Schmorl's node threshold,
+    fitted on localised discs (`grades` (P, 5), calibrated `probability`, `truth` v1..v5, `called` abnormal, `fold`
+    of each disc's study). The node is offered only when its flag, thresholded on the other folds, reaches
+    `schmorl_min_f1` on each fold (cross-fitted): cross-validation must show it learnable."""
+    abnormal = np.isin(truth, ABNORMAL_GRADES)
+    features = grade_features(grades, probability)
+    rule = fit_grade_posterior(features[abnormal], truth[abnormal])
+    posterior = rule.posterior(grades, probability)
+    best: tuple[float, tuple[float, float, float]] = (-1.0, (0.0, 0.0, 0.0))
+    for priors in product([0.0], PRIOR_GRID, PRIOR_GRID):
+        chosen = np.array(ABNORMAL_GRADES)[replace(rule, label_priors=priors).label_index(posterior)]
+        score = _grade_f1(truth, chosen, called)
+        if score > best[0] + 1e-9:
+            best = (score, priors)
+    rule = replace(rule, label_priors=best[1])
+    top = posterior.max(axis=1)
+    stated_grade = np.array(ABNORMAL_GRADES)[posterior.argmax(axis=1)]
+    graded = called & abnormal
+    min_share = 1.0
+    for candidate in np.arange(0.34, 1.0, 0.02):
+        stated = graded & (top >= candidate)
+        if stated.sum() >= 10 and (stated_grade[stated] == truth[stated]).mean() >= aims.grade_accuracy:
+            min_share = float(round(candidate, 2))
+            break
+    schmorl = grades[:, GRADE_CLASSES.index(SCHMORL)]
+    is_node = truth == SCHMORL
+    best_f1, best_threshold = schmorl_threshold(schmorl, is_node)
+    crossed = np.zeros_like(is_node)  # each fold flagged at the threshold of best F1 on the other folds
+    for f in np.unique(fold):
+        mine = fold == f
+        _, threshold = schmorl_threshold(schmorl[~mine], is_node[~mine])
+        crossed[mine] = False if threshold is None else schmorl[mine] >= threshold
+    tp = int((crossed & is_node).sum())
+    cross_f1 = 2 * tp / (2 * tp + int((crossed & ~is_node).sum()) + int((~crossed & is_node).sum())) if tp else 0.0
+    offered = best_threshold if cross_f1 >= aims.schmorl_min_f1 and len(np.unique(fold)) > 1 else None
+    facts = {"grade_mean_f1_fitted": best[0], "schmorl_f1_fitted": best_f1, "schmorl_f1_cross_fitted": cross_f1,
+             "schmorl_threshold_best": best_threshold}
     return replace(rule, min_share=min_share, schmorl_threshold=offered), facts
 
 
@@ -226,7 +274,9 @@ def fit(outputs: Outputs, aims: ReadoutAims, fitted_on: str) -> Readout:
     rule = None
     if np.isfinite(outputs.grades[discs]).all() and discs.any():
         called = calibrated[discs] >= points[StructureType.DISC].threshold
-        rule, facts = fit_grade_rule(outputs.grades[discs], calibrated[discs], outputs.truth[discs], called, aims)
+        rule, facts = fit_grade_rule(
+            outputs.grades[discs], calibrated[discs], outputs.truth[discs], called, point_fold[discs], aims
+        )
         metrics.update(facts)
     right = ~outputs.shifted & np.isfinite(outputs.doubt)
     check = None

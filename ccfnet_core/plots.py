@@ -124,3 +124,24 @@ def learning_curves(path: Path, history_csvs: Sequence[Path]) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def reliability_diagram(path: Path, kind: str, probabilities: np.ndarray, targets: np.ndarray) -> Path:
+    """Reliability diagram of one structure kind: per bin of the stated P(abnormal), the share truly abnormal (the
+    diagonal is perfect calibration), with the bin counts and the ECE in the title."""
+    from ccfnet_core.calibration import ECE_BINS, expected_calibration_error, reliability
+
+    plt = _pyplot()
+    rows = [r for r in reliability(probabilities, targets, ECE_BINS) if r["n"]]
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.plot([r["mean_probability"] for r in rows], [r["share_abnormal"] for r in rows], marker="o")
+    ax.set_ylabel("share abnormal")
+    ax.set_title(f"{kind}: ECE {expected_calibration_error(probabilities, targets):.3f} (n={len(targets)})")
+    counts.bar([(r["low"] + r["high"]) / 2 for r in rows], [r["n"] for r in rows], width=1 / ECE_BINS * 0.9)
+    counts.set_xlabel("P(abnormal) stated")
+    counts.set_ylabel("points")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

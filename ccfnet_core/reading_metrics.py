@@ -45,6 +45,7 @@ class PointTable:
     probability: np.ndarray  # as given (calibrated where the card has a readout)
     ranked: np.ndarray  # before calibration: what the AUC reads (`evaluate.ranked`)
     called: np.ndarray  # bool: called abnormal (vertebra v2; disc: a grade or "abnormal" stated)
+    label: np.ndarray  # (P,) str: the challenge class predicted
     truth: np.ndarray  # (P,) str: the point's label where it has exactly one, else ""
     stated: np.ndarray  # (P,) str: the grade a person reads
     counts: np.ndarray  # (studies, 7 classes, tp/fp/fn)
@@ -56,7 +57,8 @@ def tabulate(
     samples: Sequence[SliceSample], predictions: Sequence[Prediction], radius_mm: float = 6.0
 ) -> PointTable:
     rows: dict[str, list[Any]] = {k: [] for k in (
-        "study", "disc", "present", "localised", "target", "probability", "ranked", "called", "truth", "stated")}
+        "study", "disc", "present", "localised", "target", "probability", "ranked", "called", "label", "truth",
+        "stated")}
     counts = np.zeros((len(samples), len(CHALLENGE_CLASSES), 3), dtype=np.int64)
     keys = [_class_key(t, label) for t, label in CHALLENGE_CLASSES]
     for i, (sample, prediction) in enumerate(zip(samples, predictions, strict=True)):
@@ -74,6 +76,7 @@ def tabulate(
             raw = prediction.raw_probabilities if prediction.raw_probabilities is not None else prediction.probabilities
             rows["ranked"].append(float(raw[k]))
             rows["called"].append(stated != "v1")
+            rows["label"].append(label)
             rows["truth"].append(next(iter(sample.labels[k])) if len(sample.labels[k]) == 1 else "")
             rows["stated"].append(stated)
         study_counts = {key: {"tp": 0, "fp": 0, "fn": 0} for key in keys}
@@ -103,7 +106,7 @@ def figures(table: PointTable, draw: np.ndarray) -> dict[str, float]:
 
     disc, present, localised, target = col("disc"), col("present"), col("localised"), col("target")
     probability, called, truth, stated = col("probability"), col("called"), col("truth"), col("stated")
-    ranked = col("ranked")
+    ranked, chosen = col("ranked"), col("label")
     out: dict[str, float] = {}
     for kind_is_disc, name in ((True, "Disc"), (False, "Vertebra")):
         kind = disc == kind_is_disc
@@ -130,6 +133,7 @@ def figures(table: PointTable, draw: np.ndarray) -> dict[str, float]:
         specified = mine & (stated != "abnormal")
         out[f"grade_stated_share-{grade}"] = 100 * _rate(specified, mine)
         out[f"grade_accuracy-{grade}"] = 100 * _rate(stated == grade, specified)
+        out[f"grade_label_accuracy-{grade}"] = 100 * _rate(chosen == grade, mine)
     specified = among & np.isin(truth, ABNORMAL_DISC_GRADES) & (stated != "abnormal")
     out["grade_accuracy-abnormal_discs"] = 100 * _rate(stated == truth, specified)
     out["grade_stated_share-abnormal_discs"] = 100 * _rate(specified, among & np.isin(truth, ABNORMAL_DISC_GRADES))
@@ -154,6 +158,7 @@ def reading_summary(
         "grade_note": (
             "grade_accuracy-<grade>: of the localised discs of that grade called abnormal, the share whose stated "
             "grade is right among those given a grade; grade_stated_share: the share given a grade (the rest read "
-            "'abnormal')"
+            "'abnormal'); grade_label_accuracy: the share whose challenge label (the best guess, given even where "
+            "the stated grade is 'abnormal') is that grade"
         ),
     }

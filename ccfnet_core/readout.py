@@ -63,51 +63,77 @@ class OperatingPoint:
         )
 
 
+GRADE_FEATURES: Final[tuple[str, ...]] = ("log q_v2", "log q_v3", "log q_v4", "logit P(abnormal)")
+_IDENTITY: Final[tuple[tuple[float, ...], ...]] = ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0))
+
+
 @dataclass(frozen=True)
 class GradeRule:
-    """How an abnormal disc's grade is chosen from the grade grader's softmax q over v1..v5 and its P(abnormal).
+    """How an abnormal disc's grade is read from the grade grader's softmax q over v1..v5 and its P(abnormal).
 
-    Among bulge, protrusion and extrusion, grade g scores log q_g + log_priors_g + slopes_g x logit(P(abnormal)):
-    the binary path's confidence is also a measure of severity (out of fold it tells protrusion from bulge about
-    as well as the grade grader does). Priors and slopes are fitted out of fold for the F1 of the three grades
-    (bulge's are 0, the reference). The best grade is stated when its share (softmax of the scores) is at least
-    `min_share`, else the disc is "abnormal" (unspecified). A Schmorl's node is flagged where q[v5] >=
-    `schmorl_threshold` (None: the flag is not offered, cross-validation did not show it learnable).
+    The posterior over bulge, protrusion and extrusion is a small multinomial logistic regression on
+    `GRADE_FEATURES` (`weights`, `biases`; the default is q renormalised), fitted out of fold on abnormal discs:
+    the binary path's confidence is also a measure of severity (out of fold it tells protrusion from bulge about as
+    well as the grade grader does). The stated grade is the most probable one where its posterior is at least
+    `min_share`, else the disc is "abnormal" (unspecified). The challenge label is the grade of the largest
+    posterior x exp(`label_priors`) (priors fitted for the F1 of the three grades). A Schmorl's node is flagged where
+    q[v5] >= `schmorl_threshold` (None: the flag is not offered, cross-validation did not show it learnable).
     """
 
-    log_priors: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    slopes: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    weights: tuple[tuple[float, ...], ...] = _IDENTITY
+    biases: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    label_priors: tuple[float, float, float] = (0.0, 0.0, 0.0)
     min_share: float = 0.0
     schmorl_threshold: float | None = None
 
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(ABNORMAL_GRADES) or any(len(w) != len(GRADE_FEATURES) for w in self.weights):
+            raise ValueError(f"grade weights must be {len(ABNORMAL_GRADES)} x {len(GRADE_FEATURES)}")
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "log_priors": {g: float(v) for g, v in zip(ABNORMAL_GRADES, self.log_priors, strict=True)},
-            "slopes": {g: float(v) for g, v in zip(ABNORMAL_GRADES, self.slopes, strict=True)},
+            "features": list(GRADE_FEATURES),
+            "weights": {g: [float(v) for v in w] for g, w in zip(ABNORMAL_GRADES, self.weights, strict=True)},
+            "biases": {g: float(v) for g, v in zip(ABNORMAL_GRADES, self.biases, strict=True)},
+            "label_priors": {g: float(v) for g, v in zip(ABNORMAL_GRADES, self.label_priors, strict=True)},
             "min_share": float(self.min_share),
             "schmorl_threshold": None if self.schmorl_threshold is None else float(self.schmorl_threshold),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GradeRule:
-        priors, slopes = data.get("log_priors", {}), data.get("slopes", {})
+        weights = data.get("weights", {})
         threshold = data.get("schmorl_threshold")
         return cls(
-            log_priors=_three(priors),
-            slopes=_three(slopes),
+            weights=tuple(
+                tuple(float(v) for v in weights.get(g, default))
+                for g, default in zip(ABNORMAL_GRADES, _IDENTITY, strict=True)
+            ),
+            biases=_three(data.get("biases", {})),
+            label_priors=_three(data.get("label_priors", {})),
             min_share=float(data.get("min_share", 0.0)),
             schmorl_threshold=None if threshold is None else float(threshold),
         )
 
-    def abnormal_shares(self, grades: np.ndarray, probability: np.ndarray | float) -> np.ndarray:
-        """(..., 3) shares of bulge, protrusion, extrusion (the softmax of their scores; see the class)."""
-        q = np.clip(np.asarray(grades, dtype=np.float64)[..., 1:4], 1e-12, None)
-        p = np.clip(np.asarray(probability, dtype=np.float64), 1e-6, 1 - 1e-6)
-        severity = np.log(p / (1 - p))[..., None]
-        scores = np.log(q) + np.asarray(self.log_priors) + np.asarray(self.slopes) * severity
+    def posterior(self, grades: np.ndarray, probability: np.ndarray | float) -> np.ndarray:
+        """(..., 3) P(bulge), P(protrusion), P(extrusion) of an abnormal disc (see the class)."""
+        scores = grade_features(grades, probability) @ np.asarray(self.weights).T + np.asarray(self.biases)
         scores = scores - scores.max(axis=-1, keepdims=True)
         shares: np.ndarray = np.exp(scores) / np.exp(scores).sum(axis=-1, keepdims=True)
         return shares
+
+    def label_index(self, posterior: np.ndarray) -> np.ndarray:
+        """The challenge label's grade (index into ABNORMAL_GRADES) of each posterior row."""
+        choice: np.ndarray = np.argmax(np.log(np.clip(posterior, 1e-12, None)) + np.asarray(self.label_priors), -1)
+        return choice
+
+
+def grade_features(grades: np.ndarray, probability: np.ndarray | float) -> np.ndarray:
+    """(..., 4) the `GRADE_FEATURES` of discs: log q of the three abnormal grades and the logit of P(abnormal)."""
+    q = np.clip(np.asarray(grades, dtype=np.float64)[..., 1:4], 1e-12, None)
+    p = np.clip(np.asarray(probability, dtype=np.float64), 1e-6, 1 - 1e-6)
+    severity = np.log(p / (1 - p))[..., None] * np.ones((*q.shape[:-1], 1))
+    return np.concatenate([np.log(q), severity], axis=-1)
 
 
 def _three(values: dict[str, Any]) -> tuple[float, float, float]:
@@ -214,12 +240,12 @@ def calibrated(readout: Readout, probabilities: np.ndarray) -> np.ndarray:
 def disc_reading(
     rule: GradeRule | None, probability: float, abnormal: bool, grades: np.ndarray | None
 ) -> tuple[str, str, float, bool]:
-    """One disc: (challenge label v1..v5, stated grade v1..v4 or "abnormal", the best abnormal grade's share (NaN
-    when the disc is not called abnormal), Schmorl's node flag).
+    """One disc: (challenge label v1..v5, stated grade v1..v4 or "abnormal", the most probable abnormal grade's
+    posterior (NaN when the disc is not called abnormal), Schmorl's node flag).
 
-    The challenge label is always one class (the metric needs one): v5 where the node is flagged, else the best
-    abnormal grade where the disc is called abnormal, else v1. The stated grade is the herniation grade alone
-    (the node is its own flag): "abnormal" instead of a grade whose share is under the rule's `min_share`.
+    The challenge label is always one class (the metric needs one): v5 where the node is flagged, else the rule's
+    label grade where the disc is called abnormal, else v1. The stated grade is the herniation grade alone (the node
+    is its own flag): "abnormal" instead of a grade whose posterior is under the rule's `min_share`.
     """
     if rule is None or grades is None or not np.isfinite(grades).all():
         return ("v2", ABNORMAL_UNSPECIFIED, math.nan, False) if abnormal else ("v1", "v1", math.nan, False)
@@ -228,10 +254,10 @@ def disc_reading(
     )
     if not abnormal:
         return (SCHMORL if schmorl else "v1"), "v1", math.nan, schmorl
-    shares = rule.abnormal_shares(grades, probability)
+    shares = rule.posterior(grades, probability)
     best = int(np.argmax(shares))
-    label = ABNORMAL_GRADES[best]
-    stated = label if shares[best] >= rule.min_share else ABNORMAL_UNSPECIFIED
+    stated = ABNORMAL_GRADES[best] if shares[best] >= rule.min_share else ABNORMAL_UNSPECIFIED
+    label = ABNORMAL_GRADES[int(rule.label_index(shares))]
     return (SCHMORL if schmorl else label), stated, float(shares[best]), schmorl
 
 
