@@ -257,6 +257,13 @@ def evaluate(
             typer.echo(f"  {key:<12}{summary[key]:8.2f}")
         typer.echo(f"  {'macro-F1':<12}{100 * summary['challenge_macro_f1']:8.2f}  (challenge metric)")
         typer.echo(f"  mean error {summary['mean_error_mm']:.2f} mm, median {summary['median_error_mm']:.2f} mm")
+        figures = summary.get("reading", {}).get("intervals", {})
+        for key in ("Score", "challenge_macro_f1", "ECE-Vertebra", "ECE-Disc", "sensitivity-Vertebra",
+                    "specificity-Vertebra", "sensitivity-Disc", "specificity-Disc", "level_check_flags_shifted",
+                    "level_check_flags_other"):
+            if key in figures:
+                estimate, low, high = figures[key]
+                typer.echo(f"  {key:<28}{estimate:8.3f}  95% [{low:.3f}, {high:.3f}] (bootstrap over studies)")
         typer.echo(f"figures and metrics.json in {out}")
 
     _emit(summary, as_json, text)

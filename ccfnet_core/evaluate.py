@@ -149,7 +149,9 @@ def record_in_card(checkpoint: Path, summary: dict[str, Any], per_fold: dict[int
     if "reading" in summary:
         metrics["intervals"] = summary["reading"]["intervals"]
         metrics["interval_method"] = summary["reading"]["interval_method"]
-    metrics["evaluation"] = f"{k}-fold out-of-fold over {summary['studies']} unflagged studies, 6 mm"
+    metrics["evaluation"] = f"{k}-fold out-of-fold over {summary['studies']} unflagged studies, 6 mm" + (
+        "; each fold model read through the readout fitted on the other folds (nested)" if card.readout else ""
+    )
     write_card(checkpoint, replace(card, metrics=metrics))
 
 

@@ -60,7 +60,7 @@ def main() -> None:
         ids=np.array([s.study_id for s in samples]),
         fold=np.array([folds[s.study_id] for s in samples]),
         truth=np.stack([s.points for s in samples]),
-        labels=np.array([[",".join(sorted(l)) for l in s.labels] for s in samples]),
+        labels=np.array([[",".join(sorted(ls)) for ls in s.labels] for s in samples]),
         spacing=np.array([s.spacing_mm for s in samples]),
         hw=np.array([(s.height, s.width) for s in samples]),
         **out,

@@ -116,3 +116,13 @@ def test_out_of_fold_evaluation_reproduces_the_shipped_card_and_docs(tmp_path: P
         assert f"{card.metrics[key]:.2f}" in docs, key
     assert metrics["challenge_macro_f1"] == pytest.approx(card.metrics["challenge_macro_f1"], abs=0.005)
     assert metrics["studies"] == 155 and len(metrics["excluded_flagged"]) == 5
+    # The readout (issue 26): nested out of fold, the same as the card records and the docs state.
+    assert f"{100 * card.metrics['challenge_macro_f1']:.1f}" in docs
+    for kind in ("vertebra", "disc"):
+        assert metrics["ece"][kind] == pytest.approx(card.metrics["ece"][kind], abs=1e-6)
+        assert f"{metrics['ece'][kind]:.3f}" in docs and metrics["ece"][kind] <= 0.05
+    sensitivity, specificity = (metrics["operating_point"]["vertebra"][k][0] for k in ("sensitivity", "specificity"))
+    assert sensitivity >= 80 and specificity >= 60
+    assert metrics["level_check"]["flags_shifted_percent"][0] >= 50
+    assert metrics["level_check"]["flags_other_percent"][0] <= 10
+    assert "all 155 studies" in card.readout["fitted_on"]

@@ -24,7 +24,14 @@ from ccfnet_core.disc_grades import (
     train_grade_grader,
 )
 from ccfnet_core.evaluate import fold_checkpoint, predict_out_of_fold
-from ccfnet_core.fit_readout import ReadoutAims, choose_calibration, fit, tabulate, threshold_for_sensitivity
+from ccfnet_core.fit_readout import (
+    ReadoutAims,
+    choose_calibration,
+    fit,
+    fit_grade_posterior,
+    tabulate,
+    threshold_for_sensitivity,
+)
 from ccfnet_core.inference import Predictor
 from ccfnet_core.intervals import bootstrap, interval
 from ccfnet_core.levels import level_doubt, level_shifted
@@ -103,7 +110,7 @@ def test_the_grade_target_puts_the_herniation_grade_before_the_node() -> None:
     assert list(disc_grade_targets(sample)) == [-1, -1, -1, -1, 2, 3]
 
 
-RULE = GradeRule(log_priors=(0.0, 0.0, 0.0), slopes=(0.0, 0.0, 0.0), min_share=0.6, schmorl_threshold=0.5)
+RULE = GradeRule(min_share=0.6, schmorl_threshold=0.5)  # the default posterior: q renormalised
 
 
 def test_a_disc_grade_is_stated_only_where_its_share_is_enough() -> None:
@@ -121,11 +128,25 @@ def test_a_disc_grade_is_stated_only_where_its_share_is_enough() -> None:
     assert grade_word(STRUCTURES.index("L4-L5"), "v3") == "protrusion"
 
 
-def test_the_severity_slope_moves_a_confident_abnormal_disc_towards_protrusion() -> None:
+def test_the_severity_weight_moves_a_confident_abnormal_disc_towards_protrusion() -> None:
     grades = np.array([0.1, 0.45, 0.45, 0.0, 0.0])
-    sloped = GradeRule(slopes=(0.0, 1.0, 0.0))
-    assert sloped.abnormal_shares(grades, 0.95).argmax() == 1
-    assert sloped.abnormal_shares(grades, 0.2).argmax() == 0
+    sloped = GradeRule(weights=((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 1.0), (0.0, 0.0, 1.0, 0.0)))
+    assert sloped.posterior(grades, 0.95).argmax() == 1
+    assert sloped.posterior(grades, 0.2).argmax() == 0
+    assert GradeRule.from_dict(json.loads(json.dumps(sloped.to_dict()))) == sloped
+    leaning = GradeRule(label_priors=(0.0, 0.0, 3.0))  # the label leans to extrusion; the stated grade does not
+    assert disc_reading(leaning, 0.9, True, np.array([0.1, 0.3, 0.5, 0.1, 0.0]))[:2] == ("v4", "v3")
+
+
+def test_the_grade_posterior_is_learnt_from_the_features() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.choice(np.array(["v2", "v3", "v4"]), 600)
+    severity = np.where(truth == "v2", -1.0, np.where(truth == "v3", 1.0, 3.0)) + rng.normal(0, 0.5, 600)
+    features = np.stack([np.full(600, np.log(1 / 3))] * 3 + [severity], axis=1)  # q says nothing; P(abnormal) does
+    rule = fit_grade_posterior(features, truth)
+    q = np.tile([0.0, 1 / 3, 1 / 3, 1 / 3, 0.0], (600, 1))
+    chosen = np.array(["v2", "v3", "v4"])[rule.posterior(q, 1 / (1 + np.exp(-severity))).argmax(axis=1)]
+    assert (chosen == truth).mean() > 0.85
 
 
 def _readout() -> Readout:
