@@ -505,14 +505,14 @@ def predict(
     """The 11 points and diagnoses of one slice as JSON (and an overlay PNG with --png)."""
     from ccfnet_core.checkpoint import default_model_path
     from ccfnet_core.inference import Predictor
-    from ccfnet_core.structures import STRUCTURES, label_name, predicted_label, structure_type
+    from ccfnet_core.structures import STRUCTURES, grade_word, label_name, structure_type
 
     sample = _read_input(path)
     predictor = Predictor.from_checkpoint(checkpoint or default_model_path(), device)
-    prediction = predictor.predict([sample.image])[0]
+    prediction = predictor.predict([sample.image])[0]  # read through the card's readout
     findings = []
     for k, name in enumerate(STRUCTURES):
-        label = predicted_label(k, float(prediction.probabilities[k]))
+        label = prediction.labels[k]
         findings.append({
             "structure": name,
             "type": structure_type(k).value,
@@ -520,6 +520,8 @@ def predict(
             "y": round(float(prediction.points[k, 1]), 2),
             "label": label,
             "diagnosis": label_name(k, label),
+            "grade": grade_word(k, prediction.grades[k]),
+            "schmorl_node": bool(prediction.schmorl is not None and prediction.schmorl[k]),
             "probability_abnormal": round(float(prediction.probabilities[k]), 4),
             "confidence": round(float(prediction.confidences[k]), 4),
         })
@@ -530,6 +532,7 @@ def predict(
         "model": {"name": card.display_name, "version": card.version, "device_uid": card.device_uid,
                   "phantom_only": card.phantom_only},
         "findings": findings,
+        "level_warning": prediction.level_warning,
     }
     if png:
         from ccfnet_core.plots import overlay

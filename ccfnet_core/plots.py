@@ -44,7 +44,7 @@ def overlay(
         ax.scatter(truth[:, 0], truth[:, 1], s=40, facecolors="none", edgecolors="lime", linewidths=1.2)
         ax.scatter(pred.points[:, 0], pred.points[:, 1], s=30, c="red", marker="x", linewidths=1.2)
         for k, (x, y) in enumerate(pred.points):
-            label = predicted_label(k, float(pred.probabilities[k]))
+            label = pred.labels[k] if pred.labels else predicted_label(k, float(pred.probabilities[k]))
             ax.text(x + 6, y, f"{STRUCTURES[k]} {label} {pred.probabilities[k]:.2f}", color="yellow", fontsize=6)
         ax.set_title(sample.study_id, fontsize=8)
     if title:

@@ -81,6 +81,23 @@ def test_predict_npy_writes_an_overlay(tmp_path: Path) -> None:
     assert _json(result.output)["model"]["phantom_only"] is True
 
 
+def test_predict_with_the_shipped_model_reads_through_its_cards_readout(tmp_path: Path) -> None:
+    slice_path = tmp_path / "slice.npy"
+    np.save(slice_path, (np.random.default_rng(1).random((200, 180)) * 255).astype(np.uint8))
+    result = runner.invoke(app, ["predict", str(slice_path), "--checkpoint", str(SHIPPED_MODEL)])
+    assert result.exit_code == 0, result.output
+    output = _json(result.output)
+    thresholds = load_model(SHIPPED_MODEL)[1].readout["operating_points"]
+    for finding in output["findings"]:
+        called = finding["probability_abnormal"] >= round(thresholds[finding["type"]]["threshold"], 4)
+        if finding["type"] == "vertebra":
+            assert finding["label"] == ("v2" if called else "v1")
+        else:
+            assert finding["grade"] in {"normal", "abnormal", "bulge", "protrusion", "extrusion"}
+            assert (finding["grade"] != "normal") == called
+    assert "level_warning" in output
+
+
 def test_bad_input_is_a_message_and_exit_code_not_a_traceback(tmp_path: Path) -> None:
     result = runner.invoke(app, ["predict", str(tmp_path / "missing.dcm"), "--checkpoint", str(PHANTOM_MODEL)])
     assert result.exit_code == 2 and "no such file or folder" in result.output
