@@ -52,6 +52,9 @@ class ModelCard:
     recipe: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     limitations: tuple[str, ...] = ()
+    # How outputs are read for a person (calibration, thresholds, grade rule, level check), fitted out of fold
+    # (`ccfnet_core.readout.Readout`, `ccfnet fit-readout`); empty: raw probabilities and the 0.5 threshold.
+    readout: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
     dtype: str = "float32"
     software_version: str = __version__

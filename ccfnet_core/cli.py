@@ -257,9 +257,36 @@ def evaluate(
             typer.echo(f"  {key:<12}{summary[key]:8.2f}")
         typer.echo(f"  {'macro-F1':<12}{100 * summary['challenge_macro_f1']:8.2f}  (challenge metric)")
         typer.echo(f"  mean error {summary['mean_error_mm']:.2f} mm, median {summary['median_error_mm']:.2f} mm")
+        figures = summary.get("reading", {}).get("intervals", {})
+        for key in ("Score", "challenge_macro_f1", "ECE-Vertebra", "ECE-Disc", "sensitivity-Vertebra",
+                    "specificity-Vertebra", "sensitivity-Disc", "specificity-Disc", "level_check_flags_shifted",
+                    "level_check_flags_other"):
+            if key in figures:
+                estimate, low, high = figures[key]
+                typer.echo(f"  {key:<28}{estimate:8.3f}  95% [{low:.3f}, {high:.3f}] (bootstrap over studies)")
         typer.echo(f"figures and metrics.json in {out}")
 
     _emit(summary, as_json, text)
+
+
+@_guarded
+def fit_readout(
+    data: Path = typer.Option(..., help="tianchi-slices folder or challenge-layout folder"),
+    folds: Path = typer.Option(..., help="folds file: the fold models beside the checkpoint give out-of-fold outputs"),
+    checkpoint: Path | None = typer.Option(None, help="default: $CCFNET_MODEL_PATH or the shipped model"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Fit calibration, operating points, the disc grade rule and the level check on out-of-fold outputs, and write
+    them into the cards: each fold model's fitted on the other folds (so `evaluate --folds` is nested), the
+    checkpoint's on all of them (`ccfnet_core.fit_readout`)."""
+    from ccfnet_core.checkpoint import default_model_path
+    from ccfnet_core.fit_readout import ReadoutAims, fit_readout_into_cards
+
+    checkpoint = checkpoint or default_model_path()
+    samples, fold_of = _usable_with_folds(data, folds)
+    readout = fit_readout_into_cards(checkpoint, samples, fold_of, ReadoutAims(), device,
+                                     log=lambda line: typer.echo(line, err=True))
+    typer.echo(json.dumps({"checkpoint": str(checkpoint), "readout": readout.to_dict()}, default=_json_default))
 
 
 # --------------------------------------------------------------------------------------------- pair
@@ -350,6 +377,47 @@ def attach_grader(
                            "fold_models": folds, "network_share": network_share}))
 
 
+@_guarded
+def train_grade_grader(
+    data: Path = typer.Option(..., help="tianchi-slices folder or challenge-layout folder"),
+    folds: Path = typer.Option(..., help="folds file: one grade grader per fold (held out), then the final one"),
+    out: Path = typer.Option(..., help="final grade grader checkpoint; fold ones go to <stem>.folds/fold<k>.pt"),
+    epochs: int = typer.Option(30),
+    seed: int = typer.Option(0),
+    fold: list[int] | None = typer.Option(None, help="train only this fold (-1: the final one); repeatable"),
+) -> None:
+    """Train the disc grade grader (normal, bulge, protrusion, extrusion, Schmorl's node) of every fold and the
+    final one on all usable studies (those that exist are kept)."""
+    from ccfnet_core.disc_grades import GradeRecipe, train_grade_grader_folds
+
+    samples, fold_of = _usable_with_folds(data, folds)
+    paths = train_grade_grader_folds(samples, fold_of, out, GradeRecipe(epochs=epochs, seed=seed),
+                                     f"{data.name}, unflagged studies", log=lambda line: typer.echo(line, err=True),
+                                     only=fold or None)
+    typer.echo(json.dumps({"grade_grader": str(out), "fold_grade_graders": [str(p) for p in paths[:-1]]}))
+
+
+@_guarded
+def attach_grade_grader(
+    model: Path = typer.Option(..., help="graded (or refined graded) checkpoint to add the disc grade grader to"),
+    grade_grader: Path = typer.Option(..., help="disc grade grader checkpoint (ccfnet train-grade-grader)"),
+    out: Path = typer.Option(..., help="checkpoint to write (<...>-graded<n>-grades)"),
+    folds: int = typer.Option(0, help="also attach the K fold grade graders to the K fold models (<stem>.folds/)"),
+    int8: bool = typer.Option(False, help="store conv weights as int8 per output channel (float16 otherwise)"),
+) -> None:
+    """One checkpoint: the model unchanged, plus a disc grade (normal, bulge, protrusion, extrusion, Schmorl's node)
+    read at each found disc."""
+    from ccfnet_core.disc_grades import attach_grade_grader as attach
+    from ccfnet_core.disc_grades import attach_grade_grader_with_folds
+
+    if folds:
+        card = attach_grade_grader_with_folds(model, grade_grader, out, folds, int8)
+    else:
+        card = attach(model, grade_grader, out, int8)
+    typer.echo(json.dumps({"model": str(out), "arch": card.arch, "weights_sha256": card.weights_sha256,
+                           "dtype": card.dtype, "fold_models": folds}))
+
+
 # --------------------------------------------------------------------------------------------- refiner
 @_guarded
 def train_refiner(
@@ -437,14 +505,14 @@ def predict(
     """The 11 points and diagnoses of one slice as JSON (and an overlay PNG with --png)."""
     from ccfnet_core.checkpoint import default_model_path
     from ccfnet_core.inference import Predictor
-    from ccfnet_core.structures import STRUCTURES, label_name, predicted_label, structure_type
+    from ccfnet_core.structures import STRUCTURES, grade_word, label_name, structure_type
 
     sample = _read_input(path)
     predictor = Predictor.from_checkpoint(checkpoint or default_model_path(), device)
-    prediction = predictor.predict([sample.image])[0]
+    prediction = predictor.predict([sample.image])[0]  # read through the card's readout
     findings = []
     for k, name in enumerate(STRUCTURES):
-        label = predicted_label(k, float(prediction.probabilities[k]))
+        label = prediction.labels[k]
         findings.append({
             "structure": name,
             "type": structure_type(k).value,
@@ -452,6 +520,8 @@ def predict(
             "y": round(float(prediction.points[k, 1]), 2),
             "label": label,
             "diagnosis": label_name(k, label),
+            "grade": grade_word(k, prediction.grades[k]),
+            "schmorl_node": bool(prediction.schmorl is not None and prediction.schmorl[k]),
             "probability_abnormal": round(float(prediction.probabilities[k]), 4),
             "confidence": round(float(prediction.confidences[k]), 4),
         })
@@ -462,6 +532,7 @@ def predict(
         "model": {"name": card.display_name, "version": card.version, "device_uid": card.device_uid,
                   "phantom_only": card.phantom_only},
         "findings": findings,
+        "level_warning": prediction.level_warning,
     }
     if png:
         from ccfnet_core.plots import overlay
@@ -493,11 +564,14 @@ def register(app: typer.Typer) -> None:
     app.command("model-info")(model_info)
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+    app.command("fit-readout")(fit_readout)
     app.command("predict")(predict)
     app.command("pair")(pair)
     app.command("add-localiser")(add_localiser)
     app.command("train-grader")(train_grader)
     app.command("attach-grader")(attach_grader)
+    app.command("train-grade-grader")(train_grade_grader)
+    app.command("attach-grade-grader")(attach_grade_grader)
     app.command("train-refiner")(train_refiner)
     app.command("attach-refiner")(attach_refiner)
     app.command("phantom")(phantom)

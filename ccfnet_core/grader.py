@@ -13,6 +13,7 @@ same convention as the README's spacing estimate (36 mm per level).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -148,11 +149,15 @@ class PatchGrader(nn.Module):
     """Patch (N, 1, 64, 64) + structure index (N,) -> abnormality logit (N,); a VGG-style CNN of 1.2 M parameters.
 
     The structure index enters as a learnt embedding beside the pooled features, so one network serves the
-    11 levels and still knows their different base rates.
+    11 levels and still knows their different base rates. With `classes` > 1 it gives (N, classes) class logits
+    instead (the disc grade, `ccfnet_core.disc_grades`).
     """
 
-    def __init__(self, width: int = 32, embedding: int = 16):
+    def __init__(self, width: int = 32, embedding: int = 16, classes: int = 1):
         super().__init__()
+        if classes < 1:
+            raise ValueError(f"a grader has at least one output, not {classes}")
+        self.classes = classes
         self.features = nn.Sequential(
             _conv_pair(1, width),
             nn.MaxPool2d(2),
@@ -165,17 +170,21 @@ class PatchGrader(nn.Module):
         )
         self.structure = nn.Embedding(NUM_STRUCTURES, embedding)
         self.head = nn.Sequential(
-            nn.Linear(8 * width + embedding, 64), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(64, 1)
+            nn.Linear(8 * width + embedding, 64), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(64, classes)
         )
 
     def forward(self, patches: Tensor, structures: Tensor) -> Tensor:
         pooled = self.features(patches).flatten(1)
-        return self.head(torch.cat([pooled, self.structure(structures)], dim=1)).squeeze(1)
+        logits: Tensor = self.head(torch.cat([pooled, self.structure(structures)], dim=1))
+        return logits.squeeze(1) if self.classes == 1 else logits
 
-    def grade(self, image: Tensor, points: np.ndarray, flip: bool = True) -> Tensor:
-        """(11,) logits for the 11 points of one (H, W) slice; with `flip`, averaged with the front-back mirror."""
+    def grade(self, image: Tensor, points: np.ndarray, flip: bool = True, only: Sequence[int] | None = None) -> Tensor:
+        """(11,) logits ((11, classes) with several classes) for the 11 points of one (H, W) slice; with `flip`,
+        averaged with the front-back mirror. `only` grades those structures alone (rows in that order)."""
         patches = crop_patches(image, points)
         structures = torch.arange(NUM_STRUCTURES, device=image.device)
+        if only is not None:
+            patches, structures = patches[list(only)], structures[list(only)]
         logits = self(patches, structures)
         if flip:
             logits = (logits + self(torch.flip(patches, dims=[-1]), structures)) / 2

@@ -14,8 +14,11 @@ from torch import nn
 from ccfnet_core.checkpoint import ModelCard, load_model
 from ccfnet_core.decode import decode, forward_tta
 from ccfnet_core.geometry import from_input_space
+from ccfnet_core.levels import level_doubt
 from ccfnet_core.model import GradedCCFNet, RefinedCCFNet
+from ccfnet_core.readout import Readout, read
 from ccfnet_core.sample import Prediction
+from ccfnet_core.structures import DISC_INDICES, NUM_STRUCTURES
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -58,9 +61,19 @@ def predict_images(
             if isinstance(network, RefinedCCFNet):
                 slice_points = refine_points(network, image, slice_points, device)
                 network = network.network
+            grades = None
             if isinstance(network, GradedCCFNet):
                 prob = grade_points(network, image, slice_points, prob, device)
-            predictions.append(Prediction(points=slice_points, probabilities=prob, confidences=peak))
+                grades = disc_grade_points(network, image, slice_points, device)
+            predictions.append(
+                Prediction(
+                    points=slice_points,
+                    probabilities=prob,
+                    confidences=peak,
+                    grade_probabilities=grades,
+                    level_doubt=level_doubt(peak),
+                )
+            )
     return predictions
 
 
@@ -81,22 +94,43 @@ def grade_points(
     return torch.sigmoid(logits.double()).cpu().numpy()
 
 
-class Predictor:
-    """A loaded model and its card; load once per process and reuse."""
+def disc_grade_points(
+    model: GradedCCFNet, image: np.ndarray, points: np.ndarray, device: torch.device
+) -> np.ndarray | None:
+    """(11, 5) softmax over the disc classes at `points` (NaN rows for vertebrae), or None without a grade grader."""
+    middle = torch.from_numpy(np.ascontiguousarray(image[1], dtype=np.float32)).to(device)
+    with torch.no_grad():
+        grades = model.disc_grades(middle, points)
+    if grades is None:
+        return None
+    out = np.full((NUM_STRUCTURES, grades.shape[1]), np.nan)
+    out[list(DISC_INDICES)] = grades.double().cpu().numpy()
+    return out
 
-    def __init__(self, model: nn.Module, card: ModelCard, device: torch.device):
+
+class Predictor:
+    """A loaded model and its card; load once per process and reuse.
+
+    With `readout` (the default) predictions are read through the card's readout, when it has one: calibrated
+    probabilities, the card's thresholds, grade words and the level warning (`ccfnet_core.readout`); without it,
+    the raw outputs the readout is fitted on.
+    """
+
+    def __init__(self, model: nn.Module, card: ModelCard, device: torch.device, readout: bool = True):
         self.model = model
         self.card = card
         self.device = device
+        self.readout = Readout.from_dict(card.readout) if readout else Readout()
 
     @classmethod
-    def from_checkpoint(cls, path: Path, device: str = "auto") -> Predictor:
+    def from_checkpoint(cls, path: Path, device: str = "auto", readout: bool = True) -> Predictor:
         target = pick_device(device)
         model, card = load_model(path, target)
-        return cls(model, card, target)
+        return cls(model, card, target, readout)
 
     def predict(self, images: Sequence[np.ndarray], flip: bool = True) -> list[Prediction]:
-        return predict_images(self.model, images, self.card.input_size, self.card.stride, self.device, flip)
+        raw = predict_images(self.model, images, self.card.input_size, self.card.stride, self.device, flip)
+        return [read(self.readout, prediction) for prediction in raw]
 
     def heatmaps(self, image: np.ndarray, flip: bool = True) -> np.ndarray:
         """The 11 TTA-averaged heatmaps (11, h, w) at network resolution, clipped to [0, 1]."""

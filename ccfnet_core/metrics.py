@@ -163,25 +163,33 @@ def miss_breakdown(
     _check_inputs(samples, predictions, radius_mm)
     counts = dict.fromkeys(MISS_KINDS, 0)
     for sample, prediction in zip(samples, predictions, strict=True):
-        own = distances_mm(sample, prediction)
-        found = sample.present & (np.nan_to_num(own, nan=np.inf) <= radius_mm)
-        row_mm, col_mm = sample.spacing_mm
-        for k in np.flatnonzero(sample.present & ~found):
-            point = np.asarray(prediction.points[k], dtype=np.float64)
-            if not np.all(np.isfinite(point)):
-                counts["no_prediction"] += 1
-                continue
-            delta = sample.points - point
-            to_each = np.hypot(delta[:, 0] * col_mm, delta[:, 1] * row_mm)
-            to_each[~sample.present] = np.inf
-            nearest = int(np.argmin(to_each))
-            if nearest == k or to_each[nearest] > radius_mm:
-                counts["off_target"] += 1
-            elif structure_type(nearest) is not structure_type(int(k)):
-                counts["other_type"] += 1
-            else:
-                counts["duplicate" if found[nearest] else "level_shift"] += 1
+        for kind in study_misses(sample, prediction, radius_mm).values():
+            counts[kind] += 1
     return counts
+
+
+def study_misses(sample: SliceSample, prediction: Prediction, radius_mm: float = 6.0) -> dict[int, str]:
+    """The annotated points of one study that were not localised, each with its kind (`miss_breakdown`)."""
+    own = distances_mm(sample, prediction)
+    found = sample.present & (np.nan_to_num(own, nan=np.inf) <= radius_mm)
+    row_mm, col_mm = sample.spacing_mm
+    kinds: dict[int, str] = {}
+    for k in np.flatnonzero(sample.present & ~found):
+        point = np.asarray(prediction.points[k], dtype=np.float64)
+        if not np.all(np.isfinite(point)):
+            kinds[int(k)] = "no_prediction"
+            continue
+        delta = sample.points - point
+        to_each = np.hypot(delta[:, 0] * col_mm, delta[:, 1] * row_mm)
+        to_each[~sample.present] = np.inf
+        nearest = int(np.argmin(to_each))
+        if nearest == k or to_each[nearest] > radius_mm:
+            kinds[int(k)] = "off_target"
+        elif structure_type(nearest) is not structure_type(int(k)):
+            kinds[int(k)] = "other_type"
+        else:
+            kinds[int(k)] = "duplicate" if found[nearest] else "level_shift"
+    return kinds
 
 
 def challenge_metrics(
@@ -253,33 +261,42 @@ def confusion_matrices(
 ) -> dict[str, Any]:
     """Per type, true vs predicted label over the localised points (same-named prediction within radius).
 
-    Vertebra: rows true v1, v2; columns predicted v1, v2. Disc: rows true v1..v5; columns predicted normal
-    (v1) / abnormal (v2), the network's only disc classes. A point with two labels ({v2, v5}) counts in both
-    rows; a point without a label is left out.
+    Vertebra: rows true v1, v2; columns predicted v1, v2. Disc: rows true v1..v5; columns the predicted challenge
+    class v1..v5 (`prediction_label`: a model without a grade readout predicts v1 or v2 only), and in
+    `disc_stated` the grade a person reads (v1..v4, or "abnormal" where the grade was not supported). A point with
+    two labels ({v2, v5}) counts in both rows; a point without a label is left out.
     """
     _check_inputs(samples, predictions, radius_mm)
-    rows = {StructureType.VERTEBRA: ["v1", "v2"], StructureType.DISC: ["v1", "v2", "v3", "v4", "v5"]}
-    matrices = {t: np.zeros((len(r), 2), dtype=np.int64) for t, r in rows.items()}
+    disc_labels = ["v1", "v2", "v3", "v4", "v5"]
+    stated_columns = ["v1", "v2", "v3", "v4", "abnormal"]
+    rows = {StructureType.VERTEBRA: ["v1", "v2"], StructureType.DISC: disc_labels}
+    columns = {StructureType.VERTEBRA: ["v1", "v2"], StructureType.DISC: disc_labels}
+    matrices = {t: np.zeros((len(rows[t]), len(columns[t])), dtype=np.int64) for t in rows}
+    stated = np.zeros((len(disc_labels), len(stated_columns)), dtype=np.int64)
     for sample, prediction in zip(samples, predictions, strict=True):
         distances = distances_mm(sample, prediction)
         for k in range(NUM_STRUCTURES):
             if not sample.present[k] or not distances[k] <= radius_mm:
                 continue
             kind = structure_type(k)
-            column = 1 if predicted_label(k, float(prediction.probabilities[k]), threshold) == "v2" else 0
+            predicted = prediction_label(prediction, k, threshold)
+            word = prediction.grades[k] if prediction.grades else ("abnormal" if predicted != "v1" else "v1")
             for label in sample.labels[k]:
-                matrices[kind][rows[kind].index(label), column] += 1
+                matrices[kind][rows[kind].index(label), columns[kind].index(predicted)] += 1
+                if kind is StructureType.DISC and word in stated_columns:
+                    stated[disc_labels.index(label), stated_columns.index(word)] += 1
     return {
         "vertebra": {
             "true": rows[StructureType.VERTEBRA],
-            "predicted": ["v1", "v2"],
+            "predicted": columns[StructureType.VERTEBRA],
             "matrix": matrices[StructureType.VERTEBRA].tolist(),
         },
         "disc": {
             "true": rows[StructureType.DISC],
-            "predicted": ["normal", "abnormal"],
+            "predicted": columns[StructureType.DISC],
             "matrix": matrices[StructureType.DISC].tolist(),
         },
+        "disc_stated": {"true": disc_labels, "stated": stated_columns, "matrix": stated.tolist()},
         "radius_mm": float(radius_mm),
         "threshold": float(threshold),
     }
@@ -319,7 +336,7 @@ def _match_study(
     predicted: dict[int, str] = {}
     for j in range(NUM_STRUCTURES):
         if np.isfinite(prediction.points[j]).all():
-            predicted[j] = predicted_label(j, float(prediction.probabilities[j]), threshold)
+            predicted[j] = prediction_label(prediction, j, threshold)
     truths = [k for k in range(NUM_STRUCTURES) if sample.present[k] and sample.labels[k]]
     candidates = []
     for j, label in predicted.items():
@@ -345,6 +362,15 @@ def _match_study(
         if k not in used_truths:
             for label in sample.labels[k]:
                 counts[_class_key(structure_type(k), label)]["fn"] += 1
+
+
+def prediction_label(prediction: Prediction, index: int, threshold: float = 0.5) -> str:
+    """The challenge class a prediction gives structure `index`: its own label where the model card's readout
+    decided one (`Prediction.labels`: the card's thresholds and the disc grade), else the binary rule at
+    `threshold`."""
+    if prediction.labels:
+        return prediction.labels[index]
+    return predicted_label(index, float(prediction.probabilities[index]), threshold)
 
 
 def _class_key(kind: StructureType, label: str) -> str:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ccfnet_core.grader import PatchGrader
 from ccfnet_core.refiner import PointRefiner
-from ccfnet_core.structures import NUM_STRUCTURES
+from ccfnet_core.structures import DISC_INDICES, NUM_STRUCTURES
 
 OUTPUT_CHANNELS = 4 * NUM_STRUCTURES
 BN_MOMENTUM = 0.1
@@ -324,15 +324,22 @@ class GradedCCFNet(nn.Module):
     network_logit_share: Tensor
 
     def __init__(
-        self, network: CCFNet | PairedCCFNet, graders: Sequence[PatchGrader], network_logit_share: float = 0.0
+        self,
+        network: CCFNet | PairedCCFNet,
+        graders: Sequence[PatchGrader],
+        network_logit_share: float = 0.0,
+        grade_grader: PatchGrader | None = None,
     ):
         super().__init__()
         if not 0.0 <= network_logit_share < 1.0:
             raise ValueError(f"the network's logit share must be in [0, 1), not {network_logit_share}")
         if not graders:
             raise ValueError("a graded network needs at least one grader")
+        if grade_grader is not None and grade_grader.classes < 2:
+            raise ValueError("a grade grader has one logit per disc class, not one logit")
         self.network = network
         self.graders = nn.ModuleList(graders)
+        self.grade_grader = grade_grader
         self.spec = network.spec
         self.stride = network.stride
         self.register_buffer("network_logit_share", torch.tensor(float(network_logit_share)))
@@ -347,6 +354,13 @@ class GradedCCFNet(nn.Module):
         grader_logits = torch.stack([grader.grade(image, points) for grader in graders]).mean(dim=0)
         share = self.network_logit_share.to(grader_logits.dtype)
         return share * network_logits.to(grader_logits.dtype) + (1 - share) * grader_logits
+
+    def disc_grades(self, image: Tensor, points: np.ndarray) -> Tensor | None:
+        """(6, classes) softmax of the grade grader over the disc classes (v1..v5) at the discs of one slice, or
+        None without a grade grader; P(abnormal) stays `grade`'s (the binary path the Score reads)."""
+        if self.grade_grader is None:
+            return None
+        return torch.softmax(self.grade_grader.grade(image, points, only=DISC_INDICES), dim=1)
 
 
 class RefinedCCFNet(nn.Module):
@@ -402,15 +416,30 @@ def combined_arch(single_arch: str, classifiers: int, localisers: int = 1) -> st
 
 GRADED_SUFFIX = "-graded"
 GRADER_COUNTS = (1, 2)
+GRADES_SUFFIX = "-grades"  # after -graded<n>: the graded network also has a disc grade grader
+DISC_GRADE_CLASSES = 5  # v1..v5 (ccfnet_core.disc_grades.DISC_GRADES)
 
 
-def graded_arch(arch: str, graders: int = 1) -> str:
-    """The registry name of `arch` (single, pair or ensemble) with `graders` patch graders."""
+def graded_arch(arch: str, graders: int = 1, grades: bool = False) -> str:
+    """The registry name of `arch` (single, pair or ensemble) with `graders` patch graders (and, with `grades`, a
+    disc grade grader)."""
     if GRADED_SUFFIX in arch:
         raise ValueError(f"{arch} already has a patch grader")
     if graders not in GRADER_COUNTS:
         raise ValueError(f"a graded network has {GRADER_COUNTS[0]}-{GRADER_COUNTS[-1]} graders, not {graders}")
-    return arch + GRADED_SUFFIX + (str(graders) if graders > 1 else "")
+    return arch + GRADED_SUFFIX + (str(graders) if graders > 1 else "") + (GRADES_SUFFIX if grades else "")
+
+
+def with_grades_arch(arch: str) -> str:
+    """`arch` (graded, refined or not) with a disc grade grader in its graded network: `-grades` after `-graded<n>`."""
+    if GRADES_SUFFIX in arch:
+        raise ValueError(f"{arch} already has a disc grade grader")
+    head, graded, tail = arch.partition(GRADED_SUFFIX)
+    if not graded:
+        raise ValueError(f"{arch} has no patch grader to put a disc grade grader beside")
+    count = tail.split("-", 1)[0]
+    rest = tail[len(count) :]
+    return head + graded + count + GRADES_SUFFIX + rest
 
 
 REFINED_SUFFIX = "-refined"
@@ -505,16 +534,22 @@ for _name, _single in (("r18-msc", ccfnet_r18_msc), ("r50-msc", ccfnet_r50_msc))
             register_model(_arch)(_combined_builder(_single, _classifiers, _localisers))
 
 
-def _graded_builder(network: Callable[[], CCFNet | PairedCCFNet], graders: int) -> Callable[[], GradedCCFNet]:
+def _graded_builder(
+    network: Callable[[], CCFNet | PairedCCFNet], graders: int, grades: bool
+) -> Callable[[], GradedCCFNet]:
     def build() -> GradedCCFNet:
-        return GradedCCFNet(network(), [PatchGrader() for _ in range(graders)])
+        grade_grader = PatchGrader(classes=DISC_GRADE_CLASSES) if grades else None
+        return GradedCCFNet(network(), [PatchGrader() for _ in range(graders)], grade_grader=grade_grader)
 
     return build
 
 
 for _name in list(_REGISTRY):
     for _graders in GRADER_COUNTS:
-        register_model(graded_arch(_name, _graders))(_graded_builder(_REGISTRY[_name], _graders))  # type: ignore[arg-type]
+        for _grades in (False, True):
+            register_model(graded_arch(_name, _graders, _grades))(
+                _graded_builder(_REGISTRY[_name], _graders, _grades)  # type: ignore[arg-type]
+            )
 
 
 def _refined_builder(network: Callable[[], Network], refiners: int) -> Callable[[], RefinedCCFNet]:

@@ -123,10 +123,12 @@ def train_folds(
     card: Callable[[str, dict[str, Any]], ModelCard],
     training_data: str,
     log: Callable[[str], None] = print,
+    only: Sequence[int] | None = None,
 ) -> list[Path]:
     """Train the `what` of every fold (held out: that fold) and the final one (every study); skip those that exist.
 
-    `samples` are the usable studies (flagged ones already left out). Returns the paths, folds first.
+    `samples` are the usable studies (flagged ones already left out). `only` trains those folds alone (-1: the
+    final one), so two processes can share the work. Returns the paths, folds first.
     """
     k = max(folds.values()) + 1
     written = []
@@ -135,6 +137,8 @@ def train_folds(
         written.append(path)
         if path.is_file():
             log(f"{what} {path}: exists, kept")
+            continue
+        if only is not None and fold not in only:
             continue
         training = [s for s in samples if fold < 0 or folds[s.study_id] != fold]
         held_out = [s for s in samples if fold >= 0 and folds[s.study_id] == fold]
@@ -163,7 +167,8 @@ def attached_sources(paths: Sequence[Path], cards: Sequence[ModelCard]) -> list[
 
 
 def combined_card(card: ModelCard, arch: str, outputs: str, limitation: str, recipe: dict[str, Any]) -> ModelCard:
-    """A new card for `card`'s network with patch models attached: its own identity, no metrics until scored."""
+    """A new card for `card`'s network with patch models attached: its own identity, no metrics and no readout
+    until scored and fitted."""
     return replace(
         new_card(**{k: v for k, v in asdict(card).items() if k not in ("model_uuid", "created", "version")}),
         arch=arch,
@@ -171,6 +176,7 @@ def combined_card(card: ModelCard, arch: str, outputs: str, limitation: str, rec
         limitations=tuple(dict.fromkeys((*card.limitations, limitation))),
         recipe=recipe,
         metrics={},
+        readout={},
     )
 
 

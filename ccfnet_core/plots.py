@@ -44,7 +44,7 @@ def overlay(
         ax.scatter(truth[:, 0], truth[:, 1], s=40, facecolors="none", edgecolors="lime", linewidths=1.2)
         ax.scatter(pred.points[:, 0], pred.points[:, 1], s=30, c="red", marker="x", linewidths=1.2)
         for k, (x, y) in enumerate(pred.points):
-            label = predicted_label(k, float(pred.probabilities[k]))
+            label = pred.labels[k] if pred.labels else predicted_label(k, float(pred.probabilities[k]))
             ax.text(x + 6, y, f"{STRUCTURES[k]} {label} {pred.probabilities[k]:.2f}", color="yellow", fontsize=6)
         ax.set_title(sample.study_id, fontsize=8)
     if title:
@@ -120,6 +120,27 @@ def learning_curves(path: Path, history_csvs: Sequence[Path]) -> Path:
     right.set_ylabel("held-out Score")
     for ax in (left, right):
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def reliability_diagram(path: Path, kind: str, probabilities: np.ndarray, targets: np.ndarray) -> Path:
+    """Reliability diagram of one structure kind: per bin of the stated P(abnormal), the share truly abnormal (the
+    diagonal is perfect calibration), with the bin counts and the ECE in the title."""
+    from ccfnet_core.calibration import ECE_BINS, expected_calibration_error, reliability
+
+    plt = _pyplot()
+    rows = [r for r in reliability(probabilities, targets, ECE_BINS) if r["n"]]
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.plot([r["mean_probability"] for r in rows], [r["share_abnormal"] for r in rows], marker="o")
+    ax.set_ylabel("share abnormal")
+    ax.set_title(f"{kind}: ECE {expected_calibration_error(probabilities, targets):.3f} (n={len(targets)})")
+    counts.bar([(r["low"] + r["high"]) / 2 for r in rows], [r["n"] for r in rows], width=1 / ECE_BINS * 0.9)
+    counts.set_xlabel("P(abnormal) stated")
+    counts.set_ylabel("points")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

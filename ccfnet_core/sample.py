@@ -73,16 +73,38 @@ class Prediction:
     """The network's answer for one slice, in pixels of the slice it was given.
 
     points: float64 (11, 2) as (x, y) = (column, row).
-    probabilities: float64 (11,) P(abnormal) per structure (vertebra v2; disc v2/v3/v4).
+    probabilities: float64 (11,) P(abnormal) per structure (vertebra v2; disc v2/v3/v4); calibrated where the
+        model card has a readout (`ccfnet_core.readout`), the model's raw output otherwise.
     confidences: float64 (11,) heatmap peak value per structure (about 1 where the model is sure).
+    grade_probabilities: float64 (11, 5) softmax over the disc classes v1..v5 (NaN rows for vertebrae), from a
+        model with a disc grade grader; None otherwise.
+    level_doubt: how doubtful the level count is (`ccfnet_core.levels`); NaN where not measured.
+    What the card's readout adds (empty/None without one): raw_probabilities, P(abnormal) before calibration (the
+    ranking the paper's AUC reads); labels, the challenge class per structure (v1..v5);
+    grades, the stated grade (the label, or "abnormal" for a disc whose grade is not supported); grade_shares,
+    the stated grade's share among the abnormal grades; schmorl, the Schmorl's node flag; level_warning, a
+    sentence for the reader when the level count is doubtful.
     """
 
     points: np.ndarray
     probabilities: np.ndarray
     confidences: np.ndarray
+    grade_probabilities: np.ndarray | None = None
+    level_doubt: float = float("nan")
+    raw_probabilities: np.ndarray | None = None
+    labels: tuple[str, ...] = ()
+    grades: tuple[str, ...] = ()
+    grade_shares: np.ndarray | None = None
+    schmorl: np.ndarray | None = None
+    level_warning: str | None = None
 
     def __post_init__(self) -> None:
         if self.points.shape != (NUM_STRUCTURES, 2):
             raise ValueError(f"points must be ({NUM_STRUCTURES}, 2), got {self.points.shape}")
         if self.probabilities.shape != (NUM_STRUCTURES,) or self.confidences.shape != (NUM_STRUCTURES,):
             raise ValueError("probabilities and confidences must have shape (11,)")
+        if self.grade_probabilities is not None and self.grade_probabilities.shape[0] != NUM_STRUCTURES:
+            raise ValueError(f"grade_probabilities must have {NUM_STRUCTURES} rows")
+        for name in ("labels", "grades"):
+            if getattr(self, name) and len(getattr(self, name)) != NUM_STRUCTURES:
+                raise ValueError(f"{name} must have {NUM_STRUCTURES} entries or none")

@@ -79,12 +79,22 @@ def abnormal_target(index: int, labels: frozenset[str]) -> float | None:
 
 
 def predicted_label(index: int, probability: float, threshold: float = 0.5) -> str:
-    """The challenge class for a binary prediction: v2 above threshold (bulge for discs), else v1.
+    """The binary class of a P(abnormal): v2 at or above `threshold`, else v1.
 
-    The network has one abnormality logit per structure, so among abnormal discs it cannot tell bulge from
-    protrusion or extrusion; bulge is the most frequent abnormal disc label in the challenge data.
+    The threshold is the model card's operating point for the structure's kind (`ccfnet_core.readout`, which the
+    Predictor applies; 0.5 only for a model without one). For a disc, v2 here means "abnormal": the readout then
+    chooses its grade (bulge, protrusion, extrusion) from the disc grade grader, or leaves it "abnormal".
     """
     return "v2" if probability >= threshold else "v1"
+
+
+UNSPECIFIED_GRADE: Final[str] = "abnormal"
+
+
+def grade_word(index: int, grade: str) -> str:
+    """The word a person reads for a stated grade: the label's name, or "abnormal" for a disc whose grade the model
+    does not support with enough confidence."""
+    return UNSPECIFIED_GRADE if grade == UNSPECIFIED_GRADE else label_name(index, grade)
 
 
 def label_name(index: int, label: str) -> str:

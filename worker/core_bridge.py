@@ -158,10 +158,17 @@ class StructureResult:
     kind: str
     column: float
     row: float
-    label: str
-    diagnosis: str
-    probability: float
+    label: str  # the challenge class v1..v5 (the metric's; v5 where a Schmorl's node is flagged)
+    diagnosis: str  # the label's name
+    probability: float  # P(abnormal), calibrated where the model card has a readout
     confidence: float
+    # What a person reads (issue 26): the stated grade v1..v4 (vertebra v1/v2), or "abnormal" for a disc whose grade
+    # the model does not support with enough confidence; its word; the stated grade's share among the abnormal
+    # grades (None where no grade is stated); the Schmorl's node flag.
+    grade_label: str = ""
+    grade: str = ""
+    grade_share: float | None = None
+    schmorl_node: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,7 @@ class StudyAnalysis:
     seconds: float
     device: str  # where the model ran: cpu, or cuda:N (GPU name)
     skipped_files: tuple[str, ...] = ()  # unreadable files of the study that the choice did without
+    level_warning: str | None = None  # a sentence for the reader when the level count may be off by one
     gate: dict[str, float] = field(default_factory=dict)  # what the anatomy gate measured on the model's points
 
 
@@ -275,6 +283,13 @@ def _read_headers(paths: Sequence[Path]) -> tuple[dict[str, list[Dataset]], list
     return series, skipped
 
 
+def _stated_share(shares: np.ndarray | None, index: int, stated: str) -> float | None:
+    """The stated grade's share among the abnormal grades, where a grade (not normal, not "abnormal") is stated."""
+    if shares is None or stated in ("v1", "abnormal") or not np.isfinite(shares[index]):
+        return None
+    return float(shares[index])
+
+
 def analyse_files(
     paths: Sequence[Path], model_path: Path, device: str = "auto", with_heatmaps: bool = False
 ) -> StudyAnalysis:
@@ -296,7 +311,7 @@ def analyse_files(
         image_orientation,
         load_input_slices,
     )
-    from ccfnet_core.structures import STRUCTURES, label_name, predicted_label, structure_type
+    from ccfnet_core.structures import STRUCTURES, grade_word, label_name, structure_type
 
     if not paths:
         raise NoEligibleInput("the study has no stored instances")
@@ -350,8 +365,8 @@ def analyse_files(
     height, width = image.shape[-2:]
     structures = []
     for k, name in enumerate(STRUCTURES):
-        probability = float(prediction.probabilities[k])
-        label = predicted_label(k, probability)
+        label = prediction.labels[k]  # the Predictor reads every prediction through the card's readout
+        stated = prediction.grades[k]
         column, row = _image_point(prediction.points[k], width, height)
         structures.append(
             StructureResult(
@@ -361,8 +376,12 @@ def analyse_files(
                 row=row,
                 label=label,
                 diagnosis=label_name(k, label),
-                probability=probability,
+                probability=float(prediction.probabilities[k]),
                 confidence=float(prediction.confidences[k]),
+                grade_label=stated,
+                grade=grade_word(k, stated),
+                grade_share=_stated_share(prediction.grade_shares, k, stated),
+                schmorl_node=bool(prediction.schmorl is not None and prediction.schmorl[k]),
             )
         )
     return StudyAnalysis(
@@ -376,6 +395,7 @@ def analyse_files(
         seconds=seconds,
         device=_device_label(predictor.device),
         skipped_files=tuple(skipped),
+        level_warning=prediction.level_warning,
         gate={key: round(value, 3) for key, value in verdict.measurements.items()},
     )
 

@@ -144,7 +144,7 @@ def _finding_rows(analysis: StudyAnalysis) -> list[Finding]:
             patient_x_mm=patient[0] if patient else None,
             patient_y_mm=patient[1] if patient else None,
             patient_z_mm=patient[2] if patient else None,
-            label=s.label, diagnosis=s.diagnosis, probability=s.probability, confidence=s.confidence,
+            label=s.label, diagnosis=s.grade or s.diagnosis, probability=s.probability, confidence=s.confidence,
         ))
     return rows
 
@@ -218,7 +218,8 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
 
     findings = [
         StructureFinding(
-            name=s.name, kind=s.kind, point_px=(s.column, s.row), label=s.label,  # type: ignore[arg-type]
+            name=s.name, kind=s.kind, point_px=(s.column, s.row),  # type: ignore[arg-type]
+            label=s.grade_label or s.label,  # the stated grade ("abnormal" where none is supported)
             probability=s.probability, confidence=min(max(s.confidence, 0.0), 1.0),
         )
         for s in analysis.structures
@@ -226,7 +227,7 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     try:
         result = AnalysisResult(
             source_dataset=analysis.source, findings=tuple(findings),
-            algorithm=_algorithm(analysis.model), heatmaps=analysis.heatmaps,
+            algorithm=_algorithm(analysis.model), heatmaps=analysis.heatmaps, level_warning=analysis.level_warning,
         )
         datasets = build_results(
             result, include_segmentation=settings.include_segmentation,

@@ -81,6 +81,23 @@ def test_predict_npy_writes_an_overlay(tmp_path: Path) -> None:
     assert _json(result.output)["model"]["phantom_only"] is True
 
 
+def test_predict_with_the_shipped_model_reads_through_its_cards_readout(tmp_path: Path) -> None:
+    slice_path = tmp_path / "slice.npy"
+    np.save(slice_path, (np.random.default_rng(1).random((200, 180)) * 255).astype(np.uint8))
+    result = runner.invoke(app, ["predict", str(slice_path), "--checkpoint", str(SHIPPED_MODEL)])
+    assert result.exit_code == 0, result.output
+    output = _json(result.output)
+    thresholds = load_model(SHIPPED_MODEL)[1].readout["operating_points"]
+    for finding in output["findings"]:
+        called = finding["probability_abnormal"] >= round(thresholds[finding["type"]]["threshold"], 4)
+        if finding["type"] == "vertebra":
+            assert finding["label"] == ("v2" if called else "v1")
+        else:
+            assert finding["grade"] in {"normal", "abnormal", "bulge", "protrusion", "extrusion"}
+            assert (finding["grade"] != "normal") == called
+    assert "level_warning" in output
+
+
 def test_bad_input_is_a_message_and_exit_code_not_a_traceback(tmp_path: Path) -> None:
     result = runner.invoke(app, ["predict", str(tmp_path / "missing.dcm"), "--checkpoint", str(PHANTOM_MODEL)])
     assert result.exit_code == 2 and "no such file or folder" in result.output
@@ -116,3 +133,13 @@ def test_out_of_fold_evaluation_reproduces_the_shipped_card_and_docs(tmp_path: P
         assert f"{card.metrics[key]:.2f}" in docs, key
     assert metrics["challenge_macro_f1"] == pytest.approx(card.metrics["challenge_macro_f1"], abs=0.005)
     assert metrics["studies"] == 155 and len(metrics["excluded_flagged"]) == 5
+    # The readout (issue 26): nested out of fold, the same as the card records and the docs state.
+    assert f"{100 * card.metrics['challenge_macro_f1']:.1f}" in docs
+    for kind in ("vertebra", "disc"):
+        assert metrics["ece"][kind] == pytest.approx(card.metrics["ece"][kind], abs=1e-6)
+        assert f"{metrics['ece'][kind]:.3f}" in docs and metrics["ece"][kind] <= 0.05
+    sensitivity, specificity = (metrics["operating_point"]["vertebra"][k][0] for k in ("sensitivity", "specificity"))
+    assert sensitivity >= 80 and specificity >= 60
+    assert metrics["level_check"]["flags_shifted_percent"][0] >= 50
+    assert metrics["level_check"]["flags_other_percent"][0] <= 10
+    assert "all 155 studies" in card.readout["fitted_on"]

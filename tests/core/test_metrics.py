@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -232,9 +233,24 @@ def test_confusion_matrices_over_localised_points() -> None:
     assert result["vertebra"]["true"] == ["v1", "v2"] and result["vertebra"]["predicted"] == ["v1", "v2"]
     # A: v1 -> (L1 v1, L3 v2); v2 -> (L2 v2, L4 v2, L5 v1). B: L2 and L5 localised, both v1 -> v1.
     assert result["vertebra"]["matrix"] == [[3, 1], [1, 2]]
-    assert result["disc"]["predicted"] == ["normal", "abnormal"]
-    # Rows v1..v5; A's L5-S1 {v2, v5} predicted abnormal counts in both v2 and v5 rows.
-    assert result["disc"]["matrix"] == [[6, 0], [0, 2], [0, 1], [1, 0], [1, 1]]
+    assert result["disc"]["predicted"] == ["v1", "v2", "v3", "v4", "v5"]
+    # Rows v1..v5; A's L5-S1 {v2, v5} predicted abnormal counts in both v2 and v5 rows. Without a readout the
+    # binary rule predicts v1 or v2 only, and the grade a person reads is "abnormal".
+    assert result["disc"]["matrix"] == [
+        [6, 0, 0, 0, 0], [0, 2, 0, 0, 0], [0, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]
+    ]
+    assert result["disc_stated"]["matrix"] == [[6, 0, 0, 0, 0], [0, 0, 0, 0, 2], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0],
+                                               [1, 0, 0, 0, 1]]
+
+
+def test_a_readouts_labels_replace_the_binary_rule() -> None:
+    samples, predictions = two_studies()
+    labels = ["v1"] * 11
+    labels[STRUCTURES.index("L2-L3")] = "v3"  # truly v3: a TP of v3 now, no longer a TP of v2
+    graded = replace(predictions[0], labels=tuple(labels), grades=tuple(labels))
+    result = confusion_matrices(samples[:1], [graded])
+    assert result["disc"]["matrix"][2] == [0, 0, 1, 0, 0]
+    assert challenge_metrics(samples[:1], [graded])["per_class"]["disc_v3"]["tp"] == 1
 
 
 def assert_plain(value: object) -> None:

@@ -7,7 +7,9 @@ import torch
 
 from ccfnet_core.grader import PatchGrader
 from ccfnet_core.model import (
+    DISC_GRADE_CLASSES,
     GRADED_SUFFIX,
+    GRADES_SUFFIX,
     REFINED_SUFFIX,
     ContextBlock,
     GradedCCFNet,
@@ -76,12 +78,18 @@ def test_every_registered_model_runs_forward_and_backward(arch: str) -> None:
     "arch", [name for name in list_models() if GRADED_SUFFIX in name and REFINED_SUFFIX not in name]
 )
 def test_every_graded_model_is_its_registered_network_and_its_graders(arch: str) -> None:
-    """The forward of a graded model is its network's (tested above); the graders run after decoding."""
+    """The forward of a graded model is its network's (tested above); the graders (and a disc grade grader, for
+    `-grades`) run after decoding."""
     base, _, count = arch.partition(GRADED_SUFFIX)
+    grades = count.endswith(GRADES_SUFFIX)
+    count = count.removesuffix(GRADES_SUFFIX)
     model = create_model(arch)
     assert isinstance(model, GradedCCFNet) and len(model.graders) == int(count or 1)
+    assert (model.grade_grader is not None) == grades
     grader_parameters = count_parameters(PatchGrader())
-    assert count_parameters(model) == count_parameters(create_model(base)) + len(model.graders) * grader_parameters
+    extra = count_parameters(PatchGrader(classes=DISC_GRADE_CLASSES)) if grades else 0
+    expected = count_parameters(create_model(base)) + len(model.graders) * grader_parameters + extra
+    assert count_parameters(model) == expected
 
 
 @pytest.mark.parametrize("arch", [name for name in list_models() if REFINED_SUFFIX in name])
@@ -102,10 +110,11 @@ def test_a_point_refiner_runs_forward_and_backward() -> None:
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in refiner.parameters())
 
 
-def test_a_patch_grader_runs_forward_and_backward() -> None:
-    grader = PatchGrader().train()
+@pytest.mark.parametrize("classes", [1, DISC_GRADE_CLASSES])
+def test_a_patch_grader_runs_forward_and_backward(classes: int) -> None:
+    grader = PatchGrader(classes=classes).train()
     logits = grader(torch.rand(6, 1, 64, 64), torch.arange(6))
-    assert logits.shape == (6,)
+    assert logits.shape == ((6,) if classes == 1 else (6, classes))
     logits.pow(2).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in grader.parameters())
 

@@ -36,7 +36,7 @@ FINDING_SPECS: Final[tuple[tuple[str, str, str, float], ...]] = (
     ("T12-L1", "disc", "v1", 0.05),
     ("L1-L2", "disc", "v5", 0.12),
     ("L2-L3", "disc", "v2", 0.58),
-    ("L3-L4", "disc", "v2", 0.66),
+    ("L3-L4", "disc", "abnormal", 0.66),  # abnormal, grade not supported by the model
     ("L4-L5", "disc", "v3", 0.87),
     ("L5-S1", "disc", "v4", 0.93),
 )
@@ -191,8 +191,15 @@ def make_heatmaps(findings: list[StructureFinding], size: int = 32) -> np.ndarra
     return np.stack(maps).astype(np.float32)
 
 
+LEVEL_WARNING: Final = "The level count may be off by one: check the labelling of L1-L5 before reading on."
+
+
 def make_result(
-    *, with_heatmaps: bool = True, phantom_only: bool = False, source: Dataset | None = None
+    *,
+    with_heatmaps: bool = True,
+    phantom_only: bool = False,
+    source: Dataset | None = None,
+    level_warning: str | None = None,
 ) -> AnalysisResult:
     findings = make_findings()
     return AnalysisResult(
@@ -200,6 +207,7 @@ def make_result(
         findings=findings,
         algorithm=make_algorithm(phantom_only=phantom_only),
         heatmaps=make_heatmaps(findings) if with_heatmaps else None,
+        level_warning=level_warning,
     )
 
 

@@ -197,3 +197,54 @@ def test_every_result_object_names_the_checkpoint_that_ran_by_its_card_and_sha25
         (identification,) = segment.SegmentationAlgorithmIdentificationSequence
         assert (identification.AlgorithmName, identification.AlgorithmVersion) == (card.display_name, version)
         assert identification.AlgorithmParameters == f"weights sha256={card.weights_sha256}"
+
+
+def _measurement_groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    (measurements,) = [item for item in sr.ContentSequence
+                       if item.ConceptNameCodeSequence[0].CodeValue == "126010"]  # Imaging Measurements
+    return list(measurements.ContentSequence)
+
+
+def _item(group: pydicom.Dataset, code_value: str) -> pydicom.Dataset:
+    (item,) = [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == code_value]
+    return item
+
+
+def test_the_sr_states_each_grade_word_its_calibrated_percentage_and_its_code(tmp_path: Path) -> None:
+    """The shipped model through the service (issue 26): each SR group's label says the grade in words with the
+    calibrated percentage, the coded finding is that grade's code, and abnormal means at or above the card's
+    operating point for the structure's kind, not 0.5."""
+    from ccfnet_core.checkpoint import default_model_path, read_card
+    from ccfnet_core.readout import Readout
+    from ccfnet_core.structures import StructureType
+    from worker.results import codes
+    from worker.results.findings import LABEL_NAMES
+
+    model = default_model_path()
+    readout = Readout.from_dict(read_card(model).readout)
+    datasets, truth = _study(27)
+    with _embedded(tmp_path, model_path=model) as svc:
+        assert set(send(svc.port, datasets)) == {0}
+        job = _final_job(svc, truth.study_uid)
+        assert svc.sessions is not None
+        with svc.sessions() as session:
+            rows = {f.structure: f for f in repo.findings_for_job(session, job.id)}
+            objects = {o.kind: o for o in repo.result_objects_for_job(session, job.id)}
+    assert job.state == "succeeded", job.error
+    sr = pydicom.dcmread(svc.settings.data_dir / "results" / objects["sr"].path)
+    groups = _measurement_groups(sr)
+    assert len(groups) == 11
+    for group in groups:
+        site = _item(group, "363698007").ConceptCodeSequence[0].CodeValue
+        (name,) = [n for n, code in codes.STRUCTURE_SITES.items() if code.value == site]
+        row = rows[name]
+        word = row.diagnosis
+        (label,) = [key for key, text in LABEL_NAMES[row.kind].items() if text == word]
+        stated = row.probability if label != "v1" else 1.0 - row.probability
+        assert _item(group, codes.COMMENT.value).TextValue == f"{name} {row.kind}: {word}, {round(100 * stated)} %"
+        coded = _item(group, "121071").ConceptCodeSequence[0]
+        expected = codes.DIAGNOSES[(row.kind, label)]
+        assert (coded.CodeValue, coded.CodingSchemeDesignator) == (expected.value, expected.scheme_designator)
+        probability = _item(group, codes.PROBABILITY_OF_ABNORMALITY.value).MeasuredValueSequence[0]
+        assert float(probability.NumericValue) == pytest.approx(100 * row.probability, abs=0.051)
+        assert (label != "v1") == (row.probability >= readout.threshold(StructureType(row.kind))), name

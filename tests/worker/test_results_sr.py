@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from results_fixtures import DCIODVFY, DSRDUMP, dciodvfy_errors, dciodvfy_report, make_result, write
+from results_fixtures import (
+    DCIODVFY,
+    DSRDUMP,
+    LEVEL_WARNING,
+    dciodvfy_errors,
+    dciodvfy_report,
+    make_result,
+    write,
+)
 
 from worker.results import STRUCTURES, AnalysisResult, build_sr, codes
 
@@ -45,7 +53,8 @@ RAW_CODE: Final = re.compile(r"\{|\b\d{6,}\b|CCF\d{4}|UCUM")
 
 @pytest.fixture(scope="module")
 def result() -> AnalysisResult:
-    return make_result()
+    """With a level warning, so every validator sees the report-level Qualitative Evaluations container too."""
+    return make_result(level_warning=LEVEL_WARNING)
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +325,24 @@ def test_caller_chosen_uids_are_used(result: AnalysisResult, tmp_path: Path) -> 
     sr = build_sr(result, series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5")
     read = dcmread(write(sr, tmp_path / "sr.dcm"))
     assert (read.SeriesInstanceUID, read.SOPInstanceUID) == ("1.2.3.4", "1.2.3.4.5")
+
+
+def test_a_doubted_level_count_is_said_in_words_in_the_report(standard: hd.sr.Comprehensive3DSR) -> None:
+    (container,) = _named(standard, codes.QUALITATIVE_EVALUATIONS.value)
+    assert container.ValueType == "CONTAINER" and container.RelationshipType == "CONTAINS"
+    (check,) = container.ContentSequence
+    assert check.ConceptNameCodeSequence[0].CodeValue == codes.LEVEL_COUNT_CHECK.value
+    assert check.TextValue == LEVEL_WARNING
+
+
+def test_without_a_doubt_there_is_no_level_check_item(tmp_path: Path) -> None:
+    plain = dcmread(write(build_sr(make_result()), tmp_path / "sr.dcm"))
+    assert _named(plain, codes.QUALITATIVE_EVALUATIONS.value) == []
+    assert _named(plain, codes.LEVEL_COUNT_CHECK.value) == []
+
+
+def test_a_disc_without_a_supported_grade_is_coded_abnormal(standard: hd.sr.Comprehensive3DSR) -> None:
+    labels = [item.TextValue for item in _named(standard, codes.COMMENT.value)]
+    assert "L3-L4 disc: abnormal, 66 %" in labels
+    findings = [item.ConceptCodeSequence[0] for item in _named(standard, "121071")]
+    assert ("263654008", "SCT") in {(code.CodeValue, code.CodingSchemeDesignator) for code in findings}

@@ -93,6 +93,7 @@ DIAGNOSES: Final[dict[tuple[str, str], Code]] = {
     ("disc", "v3"): DISC_PROTRUSION,
     ("disc", "v4"): DISC_EXTRUSION,
     ("disc", "v5"): SCHMORL_NODE,
+    ("disc", "abnormal"): ABNORMAL,
 }
 
 # The standard concept each private finding is a kind of (None: no standard parent could be verified).
@@ -103,6 +104,10 @@ STANDARD_PARENTS: Final[dict[Code, Code | None]] = {
     DISC_EXTRUSION: DISC_HERNIATION,
     SCHMORL_NODE: None,
 }
+
+# Report-level qualitative evaluations (TID 1500 "Qualitative Evaluations").
+QUALITATIVE_EVALUATIONS: Final = Code("C0034375", "UMLS", "Qualitative Evaluations")
+LEVEL_COUNT_CHECK: Final = Code("CCF3001", PRIVATE_SCHEME_DESIGNATOR, "Level count check")
 
 # Measurements and their units.
 PROBABILITY_OF_ABNORMALITY: Final = Code("CCF2001", PRIVATE_SCHEME_DESIGNATOR, "Probability of abnormality")

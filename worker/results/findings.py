@@ -27,7 +27,16 @@ StructureKind = Literal["vertebra", "disc"]
 
 LABEL_NAMES: Final[dict[str, dict[str, str]]] = {
     "vertebra": {"v1": "normal", "v2": "degeneration"},
-    "disc": {"v1": "normal", "v2": "bulge", "v3": "protrusion", "v4": "extrusion", "v5": "Schmorl's node"},
+    # "abnormal": the model's calibrated P(abnormal) passed its operating point but cross-validation does not
+    # support naming the grade (docs/model.md), so none is guessed.
+    "disc": {
+        "v1": "normal",
+        "v2": "bulge",
+        "v3": "protrusion",
+        "v4": "extrusion",
+        "v5": "Schmorl's node",
+        "abnormal": "abnormal",
+    },
 }
 
 _UID_RE: Final = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -60,8 +69,9 @@ def _finite_unit_interval(name: str, value: float) -> None:
 class StructureFinding:
     """One of the 11 structures: where it is on the source slice and what the model says about it.
 
-    `probability` is P(abnormal) from the classifier; `label` the challenge class ("v1".."v5") the caller
-    decided on; `confidence` the localisation confidence (heatmap peak), both in [0, 1].
+    `probability` is the calibrated P(abnormal); `label` the grade the caller states: a challenge class
+    ("v1".."v5") or, for a disc whose grade the model cannot support, "abnormal"; `confidence` the localisation
+    confidence (heatmap peak), both in [0, 1].
     """
 
     name: str
@@ -196,9 +206,18 @@ class AnalysisResult:
     findings: Sequence[StructureFinding]
     algorithm: AlgorithmIdentity
     heatmaps: np.ndarray | None = field(default=None)
+    # A sentence for the reader when the model doubts the level count (off by one), else None.
+    level_warning: str | None = field(default=None)
 
     def __post_init__(self) -> None:
         _check_source(self.source_dataset)
+        if self.level_warning is not None and (
+            not isinstance(self.level_warning, str)
+            or not self.level_warning.strip()
+            or len(self.level_warning) > 1024
+            or any(ord(c) < 32 for c in self.level_warning)
+        ):
+            raise ValueError("level_warning must be None or one line of 1..1024 printable characters")
         if not isinstance(self.algorithm, AlgorithmIdentity):
             raise TypeError(f"algorithm must be an AlgorithmIdentity, got {type(self.algorithm).__name__}")
         self._check_findings()

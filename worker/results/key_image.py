@@ -26,6 +26,8 @@ NORMAL_COLOR: Final = (0, 200, 255)
 ABNORMAL_COLOR: Final = (255, 140, 0)
 BANNER_COLOR: Final = (255, 255, 0)
 _OUTLINE: Final = (0, 0, 0)
+# Burned in when the model doubts the level count (the SR carries the full sentence).
+LEVEL_WARNING_BANNER: Final = "LEVEL COUNT MAY BE OFF BY ONE: CHECK THE LABELS"
 
 
 def key_image_scale(source: Dataset) -> int:
@@ -43,6 +45,8 @@ def _banner_lines(result: AnalysisResult) -> list[str]:
     lines = [f"{result.algorithm.model_name} - {_common.UNVERIFIED_TEXT}"]
     if result.algorithm.phantom_only:
         lines.append(_common.PHANTOM_TEXT.upper())
+    if result.level_warning is not None:
+        lines.append(LEVEL_WARNING_BANNER)
     return lines
 
 

@@ -127,6 +127,25 @@ def _measurement_group(
     return group
 
 
+def _level_check(warning: str) -> hd.sr.ContainerContentItem:
+    """TID 1500's Qualitative Evaluations container with the level check's sentence, written only when the
+    model doubts the level count: the one error that shifts every label of the study by a level."""
+    container = hd.sr.ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=codes.LEVEL_COUNT_CHECK,
+                value=warning,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        ]
+    )
+    return container
+
+
 def build_sr(
     result: AnalysisResult,
     *,
@@ -151,6 +170,8 @@ def build_sr(
         imaging_measurements=groups,
         referenced_images=[source],
     )
+    if result.level_warning is not None:
+        report[0].ContentSequence.append(_level_check(result.level_warning))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source],
         content=report[0],
