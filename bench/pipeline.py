@@ -75,7 +75,7 @@ def main() -> None:
             with svc.sessions() as session:
                 for uid in list(pending):
                     jobs = list(repo.jobs_for_study(session, uid))
-                    if not jobs or jobs[-1].state not in ("succeeded", "failed", "no_eligible_series"):
+                    if not jobs or jobs[-1].state not in ("succeeded", "failed", "no_eligible_series", "not_analysed"):
                         continue
                     job = jobs[-1]
                     if job.state != "succeeded":

@@ -27,7 +27,7 @@ from worker.service import EmbeddedService, EmbeddedWorker, Service
 
 pytestmark = pytest.mark.services
 MODEL = MODELS_DIR / PHANTOM_MODEL_NAME
-TERMINAL = {"succeeded", "failed", "no_eligible_series", "superseded"}
+TERMINAL = {"succeeded", "failed", "no_eligible_series", "not_analysed", "superseded"}
 
 
 def _study(seed: int) -> tuple[list[pydicom.Dataset], Any]:

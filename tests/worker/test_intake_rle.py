@@ -19,7 +19,7 @@ from worker.db import repository as repo
 from worker.service import EmbeddedService
 
 pytestmark = pytest.mark.services
-TERMINAL = {"succeeded", "failed", "no_eligible_series", "superseded"}
+TERMINAL = {"succeeded", "failed", "no_eligible_series", "not_analysed", "superseded"}
 
 
 def test_an_rle_lossless_study_is_analysed_and_gets_its_results(tmp_path: Path) -> None:
