@@ -248,6 +248,15 @@ def pixel_spacing(ds: Dataset, frame: int | None = None) -> tuple[float, float]:
     return row, col
 
 
+def image_orientation(ds: Dataset, frame: int | None = None) -> tuple[float, ...] | None:
+    """The six direction cosines of an image (the frame's PlaneOrientationSequence for enhanced MR), or None
+    when absent or unusable."""
+    if _is_enhanced(ds):
+        value = _functional_group_value(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
+        return _as_orientation(value)
+    return _as_orientation(ds.get("ImageOrientationPatient"))
+
+
 def _normal(iop: Sequence[float]) -> np.ndarray:
     """Unit slice normal row_dir x col_dir."""
     values = np.asarray([float(v) for v in iop], dtype=np.float64)

@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,33 @@ class NoEligibleInput(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class NotLumbarSpine(Exception):
+    """The anatomy gate declined the study: what the model would read is not a sagittal lumbar spine MR.
+
+    `rule` names the rule that declined (ccfnet_core.anatomy_gate.GateRule: modality, body_part, description,
+    plane, order, spacing, confidence), `reason` says why in words; `source` is the header of the slice that was
+    looked at (the declined SR's evidence), `model` the checkpoint that would have run (the SR names it).
+    """
+
+    def __init__(
+        self,
+        rule: str,
+        reason: str,
+        *,
+        series_uid: str,
+        source: Dataset,
+        model: ModelIdentity,
+        measurements: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.rule = rule
+        self.reason = reason
+        self.series_uid = series_uid
+        self.source = source
+        self.model = model
+        self.measurements = dict(measurements or {})
 
 
 class UnreadableInput(Exception):
@@ -157,6 +184,7 @@ class StudyAnalysis:
     device: str  # where the model ran: cpu, or cuda:N (GPU name)
     skipped_files: tuple[str, ...] = ()  # unreadable files of the study that the choice did without
     level_warning: str | None = None  # a sentence for the reader when the level count may be off by one
+    gate: dict[str, float] = field(default_factory=dict)  # what the anatomy gate measured on the model's points
 
 
 _models: dict[tuple[str, str], object] = {}
@@ -268,14 +296,21 @@ def analyse_files(
     """Choose the series and slice from the files' headers, run CCF-Net with flip TTA, return the findings.
 
     A file that cannot be read is left out of the choice (a broken localizer must not sink the study); the
-    job fails only when nothing is readable or a chosen slice is not. Raises NoEligibleInput, UnreadableInput,
-    ModelUnavailable or ModelOutOfMemory.
+    job fails only when nothing is readable or a chosen slice is not. The anatomy gate (ccfnet_core.anatomy_gate)
+    reads the chosen series' headers before the model runs and the model's points after it. Raises
+    NoEligibleInput, NotLumbarSpine, UnreadableInput, ModelUnavailable or ModelOutOfMemory.
     """
     import torch
 
+    from ccfnet_core.anatomy_gate import HeaderEvidence, PointEvidence, check_headers, check_points, foot_direction
     from ccfnet_core.datasets import mean_intensity_from_files
     from ccfnet_core.inference import Predictor
-    from ccfnet_core.series_selection import NoEligibleSeries, choose_slice, load_input_slices
+    from ccfnet_core.series_selection import (
+        NoEligibleSeries,
+        choose_slice,
+        image_orientation,
+        load_input_slices,
+    )
     from ccfnet_core.structures import STRUCTURES, grade_word, label_name, structure_type
 
     if not paths:
@@ -293,11 +328,19 @@ def analyse_files(
     except _READ_ERRORS as exc:
         raise UnreadableInput(f"reading pixels to rank the series: {exc}") from exc
     by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in series[choice.series_uid]}
+    looked_at = by_uid[choice.centre_sop_instance_uid]
+    plane = next(s.plane for s in choice.summaries if s.series_uid == choice.series_uid)
+    verdict = check_headers(HeaderEvidence.from_datasets(series[choice.series_uid], plane))
+    if verdict.rule is not None:
+        raise NotLumbarSpine(
+            verdict.rule.value, verdict.reason, series_uid=choice.series_uid, source=looked_at,
+            model=load_model(model_path, device),
+        )
     full: dict[str, Dataset] = {}
     try:
         for uid in dict.fromkeys(choice.sop_instance_uids):
             full[uid] = pydicom.dcmread(by_uid[uid].filename)
-        image, _ = load_input_slices([full[uid] for uid in choice.sop_instance_uids], choice.frame_numbers)
+        image, spacing = load_input_slices([full[uid] for uid in choice.sop_instance_uids], choice.frame_numbers)
     except _READ_ERRORS as exc:
         raise UnreadableInput(f"a chosen slice of series {choice.series_uid}: {exc}") from exc
 
@@ -311,6 +354,14 @@ def analyse_files(
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelOutOfMemory(str(exc)) from exc
     seconds = time.perf_counter() - started
+    centre = full[choice.centre_sop_instance_uid]
+    foot = foot_direction(image_orientation(centre, choice.frame_numbers[1])) or (0.0, 1.0)
+    verdict = check_points(PointEvidence(prediction.points, prediction.confidences, spacing, foot))
+    if verdict.rule is not None:
+        raise NotLumbarSpine(
+            verdict.rule.value, verdict.reason, series_uid=choice.series_uid, source=looked_at, model=identity,
+            measurements=verdict.measurements,
+        )
     height, width = image.shape[-2:]
     structures = []
     for k, name in enumerate(STRUCTURES):
@@ -336,7 +387,7 @@ def analyse_files(
     return StudyAnalysis(
         series_uid=choice.series_uid,
         centre_sop_instance_uid=choice.centre_sop_instance_uid,
-        source=full[choice.centre_sop_instance_uid],
+        source=centre,
         selection_reason=choice.reason,
         structures=tuple(structures),
         heatmaps=heatmaps,
@@ -345,6 +396,7 @@ def analyse_files(
         device=_device_label(predictor.device),
         skipped_files=tuple(skipped),
         level_warning=prediction.level_warning,
+        gate={key: round(value, 3) for key, value in verdict.measurements.items()},
     )
 
 

@@ -3,7 +3,8 @@
 It reads the job's instances from the spool, lets the model library choose the series and slice, runs the
 model (loaded once per process), writes the SR / presentation state / key image (and optional segmentation)
 durably under `<data_dir>/results/<job id>/`, and records findings and result objects in one transaction. How a job
-ends is an outcome, never a crash: no usable series, an unreadable file, a superseded job.
+ends is an outcome, never a crash: no usable series, not a lumbar spine (the anatomy gate: no findings, and by
+default a "not analysed" SR, exported like the other objects), an unreadable file, a superseded job.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import pydicom
 
 from worker import core_bridge
 from worker.core_bridge import (
+    ModelIdentity,
     ModelOutOfMemory,
     ModelUnavailable,
     NoEligibleInput,
+    NotLumbarSpine,
     StudyAnalysis,
     UnreadableInput,
 )
@@ -31,12 +34,14 @@ from worker.ops import metrics
 from worker.provenance import MANUFACTURER, RESULT_KINDS
 from worker.queue.processing import JobContext, JobOutcome, JobProcessor, RetryableJobError
 from worker.results import build_results
+from worker.results.declined_sr import DeclinedStudy, build_declined_sr
 from worker.results.findings import AlgorithmIdentity, AnalysisResult, StructureFinding
 from worker.settings import Settings
 from worker.spool import Spool, SpoolError, SpoolPaths, validate_uid
 
 log = logging.getLogger("worker.inference")
 
+DECLINED_EVENT = "declined_report_written"
 
 
 def model_path(settings: Settings) -> Path:
@@ -77,17 +82,17 @@ def patient_coordinates(source: pydicom.Dataset, column: float, row: float) -> t
     )
 
 
-def _algorithm(analysis: StudyAnalysis) -> AlgorithmIdentity:
+def _algorithm(model: ModelIdentity) -> AlgorithmIdentity:
     """The algorithm the results name: the checkpoint that ran, by its own card (name, version with the weights'
     sha256 prefix, the full sha256, device UID), whichever path chose it."""
     return AlgorithmIdentity(
         manufacturer=MANUFACTURER,
-        model_name=analysis.model.name,
-        software_version=analysis.model.software_version,
-        model_version=analysis.model.checkpoint_version,
-        device_uid=analysis.model.device_uid,
-        weights_sha256=analysis.model.weights_sha256,
-        phantom_only=analysis.model.phantom_only,
+        model_name=model.name,
+        software_version=model.software_version,
+        model_version=model.checkpoint_version,
+        device_uid=model.device_uid,
+        weights_sha256=model.weights_sha256,
+        phantom_only=model.phantom_only,
     )
 
 
@@ -144,14 +149,18 @@ def _finding_rows(analysis: StudyAnalysis) -> list[Finding]:
     return rows
 
 
-def _analyse(ctx: JobContext, paths: list[Path], checkpoint: Path) -> StudyAnalysis | JobOutcome:
-    """Run the model on the study's files, or say how the job ends without results."""
+def _analyse(
+    ctx: JobContext, paths: list[Path], checkpoint: Path
+) -> StudyAnalysis | NotLumbarSpine | JobOutcome:
+    """Run the model on the study's files, or say how the job ends without findings."""
     settings = ctx.settings
     try:
         return core_bridge.analyse_files(
             paths, checkpoint, settings.model_device,
             with_heatmaps=settings.include_segmentation and settings.segmentation_type == "fractional",
         )
+    except NotLumbarSpine as exc:
+        return exc
     except NoEligibleInput as exc:
         log.info("job %d: no eligible series: %s", ctx.job_id, exc.reason)
         return JobOutcome(JobState.NO_ELIGIBLE_SERIES, error=exc.reason)
@@ -178,12 +187,18 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
         newer = repo.superseding_job(session, ctx.job_id)
         instances = repo.spooled_instances(session, ctx.study_id)
         stored_before = len(repo.result_objects_for_job(session, ctx.job_id))
+        declined_before = next(
+            (e.detail or {} for e in repo.job_events(session, ctx.job_id) if e.kind == DECLINED_EVENT), None
+        )
         forced = repo.forced_model_path(session, ctx.job_id)  # `ccfnet reprocess --model` chose the checkpoint
     if newer is not None:
         return JobOutcome(JobState.SUPERSEDED, detail={"superseded_by": newer})
     if stored_before:
         # An earlier attempt committed the results and stopped before the hand-over: finish that, nothing else.
         _hand_over_to_export(ctx)
+        if declined_before is not None:
+            return JobOutcome(JobState.NOT_ANALYSED, error=str(declined_before.get("reason", "not analysed")),
+                              detail={**declined_before, "objects": stored_before, "from_earlier_attempt": True})
         return JobOutcome(JobState.SUCCEEDED, detail={"objects": stored_before, "from_earlier_attempt": True})
     if not instances:
         return JobOutcome(JobState.NO_ELIGIBLE_SERIES, error="the study has no stored instances")
@@ -192,6 +207,8 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     analysis = _analyse(ctx, [spool_root / item.path for item in instances], checkpoint)
     if isinstance(analysis, JobOutcome):
         return analysis
+    if isinstance(analysis, NotLumbarSpine):
+        return _declined(ctx, analysis)
     deadline.check("during inference")
     with ctx.sessions.begin() as session:
         newer = repo.superseding_job(session, ctx.job_id)
@@ -210,7 +227,8 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     try:
         result = AnalysisResult(
             source_dataset=analysis.source, findings=tuple(findings),
-            algorithm=_algorithm(analysis), heatmaps=analysis.heatmaps, level_warning=analysis.level_warning,
+            algorithm=_algorithm(analysis.model), heatmaps=analysis.heatmaps,
+            level_warning=analysis.level_warning,
         )
         datasets = build_results(
             result, include_segmentation=settings.include_segmentation,
@@ -232,6 +250,8 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     }
     if analysis.skipped_files:
         detail["unreadable_files"] = list(analysis.skipped_files[:20])
+    if analysis.gate:
+        detail["anatomy_gate"] = analysis.gate
     with ctx.sessions.begin() as session:
         newer = repo.superseding_job_locked(session, ctx.job_id)
         repo.replace_findings(session, ctx.job_id, _finding_rows(analysis))
@@ -249,6 +269,51 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     _hand_over_to_export(ctx)
     return JobOutcome(JobState.SUCCEEDED, detail={"objects": len(written),
                                                   "inference_seconds": round(analysis.seconds, 3)})
+
+
+def _declined(ctx: JobContext, declined: NotLumbarSpine) -> JobOutcome:
+    """The anatomy gate declined the study: no findings; unless CCFNET_DECLINED_SR=false, a "not analysed" SR
+    written, recorded and exported like any result object, so the radiologist sees that the AI looked and why
+    it stopped. The reason is the job's error; logs name only the rule (descriptions may hold anything)."""
+    settings = ctx.settings
+    log.info("job %d: not analysed, the anatomy gate declined it (%s)", ctx.job_id, declined.rule)
+    metrics.anatomy_gate_declined(declined.rule)
+    detail: dict[str, Any] = {"rule": declined.rule, "reason": declined.reason, "series_uid": declined.series_uid}
+    if declined.measurements:
+        detail["measurements"] = {k: round(v, 3) for k, v in declined.measurements.items()}
+    if not settings.declined_sr:
+        return JobOutcome(JobState.NOT_ANALYSED, error=declined.reason, detail={**detail, "objects": 0})
+    with ctx.sessions.begin() as session:
+        newer = repo.superseding_job(session, ctx.job_id)
+    if newer is not None:
+        return JobOutcome(JobState.SUPERSEDED, detail={"superseded_by": newer, "results": "not written"})
+    try:
+        report = build_declined_sr(DeclinedStudy(
+            source_dataset=declined.source, algorithm=_algorithm(declined.model),
+            reason=declined.reason,
+        ))
+    except (ValueError, TypeError) as exc:
+        log.warning("job %d: the not-analysed SR could not be built: %s", ctx.job_id, exc)
+        return JobOutcome(JobState.NOT_ANALYSED, error=declined.reason,
+                          detail={**detail, "objects": 0, "report_error": str(exc)[:500]})
+    try:
+        written = _write_results(settings, ctx.job_id, [report])
+    except (SpoolError, OSError) as exc:
+        raise RetryableJobError(f"writing the not-analysed SR: {exc}") from exc
+    now = ctx.clock()
+    with ctx.sessions.begin() as session:
+        newer = repo.superseding_job_locked(session, ctx.job_id)
+        for ds, relative, size in written:
+            repo.add_result_object(session, ResultObject(
+                job_id=ctx.job_id, kind=RESULT_KINDS[str(ds.SOPClassUID)], sop_class_uid=str(ds.SOPClassUID),
+                sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
+                path=relative, size_bytes=size, created_at=now,
+            ))
+        repo.add_job_event(session, ctx.job_id, DECLINED_EVENT, now=now, detail=detail)
+    if newer is not None:
+        return JobOutcome(JobState.SUPERSEDED, detail={"superseded_by": newer, "results": "stored, not exported"})
+    _hand_over_to_export(ctx)
+    return JobOutcome(JobState.NOT_ANALYSED, error=declined.reason, detail={**detail, "objects": len(written)})
 
 
 def _hand_over_to_export(ctx: JobContext) -> None:

@@ -29,6 +29,7 @@ RESULT_KINDS: Final[dict[str, str]] = {
     "1.2.840.10008.5.1.4.1.1.11.1": "gsps",
     "1.2.840.10008.5.1.4.1.1.7": "sc",
     "1.2.840.10008.5.1.4.1.1.66.4": "seg",
+    "1.2.840.10008.5.1.4.1.1.88.22": "declined",  # Enhanced SR: the "not analysed" report (results/declined_sr)
 }
 # DCM 109102 "Processing Equipment": the purpose of reference of our Contributing Equipment item.
 _PROCESSING_EQUIPMENT: Final = ("109102", "DCM")

@@ -172,6 +172,7 @@ class Settings(BaseSettings):
     include_segmentation: bool = False
     # BINARY: one region per structure, what viewers load; FRACTIONAL: the heatmaps, for research viewers.
     segmentation_type: Literal["binary", "fractional"] = "binary"
+    declined_sr: bool = True  # a study the anatomy gate declines gets a short "not analysed: <reason>" SR
     destinations: list[Destination] = Field(default_factory=list)
     export_max_attempts: int = Field(default=8, ge=1)
     export_backoff_seconds: float = Field(default=30.0, gt=0)  # first retry; doubles per attempt, jittered

@@ -15,7 +15,7 @@ import typer
 
 DEMO_AE = "CCFNET"
 SENDER_AE = "DEMO_SCU"
-TERMINAL = {"succeeded", "failed", "no_eligible_series", "superseded"}
+TERMINAL = {"succeeded", "failed", "no_eligible_series", "not_analysed", "superseded"}
 
 
 def _say(message: str) -> None:

@@ -55,6 +55,7 @@ class JobState(enum.StrEnum):
     PICKED_UP = "picked_up"  # reached a worker that has no processor installed yet
     SUCCEEDED = "succeeded"
     NO_ELIGIBLE_SERIES = "no_eligible_series"
+    NOT_ANALYSED = "not_analysed"  # the anatomy gate declined it: not a sagittal lumbar spine MR; no findings
     FAILED = "failed"
     SUPERSEDED = "superseded"  # a newer job for the same study replaced it before it ran
 
@@ -64,6 +65,7 @@ TERMINAL_JOB_STATES = frozenset(
         JobState.PICKED_UP,
         JobState.SUCCEEDED,
         JobState.NO_ELIGIBLE_SERIES,
+        JobState.NOT_ANALYSED,
         JobState.FAILED,
         JobState.SUPERSEDED,
     }

@@ -46,6 +46,10 @@ ASSOCIATIONS = Counter(
 EXPORT_ATTEMPTS = Counter(
     "export_attempts", "Export attempts by outcome (delivered, warning, failed).", ["outcome"], namespace=NAMESPACE
 )
+ANATOMY_GATE_DECLINED = Counter(
+    "anatomy_gate_declined", "Studies the anatomy gate declined (not analysed), by the rule that declined them.",
+    ["reason"], namespace=NAMESPACE,
+)
 INFERENCE_SECONDS = Histogram(
     "inference_seconds", "Model inference time per job.", namespace=NAMESPACE,
     buckets=(0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0),
@@ -67,6 +71,10 @@ def association(outcome: str, reason: str = "") -> None:
 
 def export_attempt(outcome: str) -> None:
     EXPORT_ATTEMPTS.labels(outcome=outcome).inc()
+
+
+def anatomy_gate_declined(rule: str) -> None:
+    ANATOMY_GATE_DECLINED.labels(reason=rule).inc()
 
 
 def observe_inference(seconds: float) -> None:

@@ -50,7 +50,7 @@ table{border-collapse:collapse;font-size:.9rem}td,th{border:1px solid #ccc;paddi
 th{background:#f3f3f3}.cards{display:flex;gap:1rem;flex-wrap:wrap}
 .card{border:1px solid #ccc;border-radius:6px;padding:.5rem 1rem;min-width:12rem}
 .state-failed,.state-dead{color:#b00020;font-weight:600}.state-succeeded,.state-delivered{color:#1b5e20}
-.paused{color:#b26a00;font-weight:600}form.inline{display:inline}code{font-size:.85rem}
+.paused,.state-not_analysed{color:#b26a00;font-weight:600}form.inline{display:inline}code{font-size:.85rem}
 """
 
 

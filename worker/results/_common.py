@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import uuid
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -55,7 +55,18 @@ _TYPE2_SOURCE_ATTRIBUTES: Final = (
 _TEXT_VRS: Final = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
 
 
-def working_source(result: AnalysisResult) -> Dataset:
+class Sourced(Protocol):
+    """What the shared helpers read of a result: its source slice and its algorithm (an AnalysisResult, or the
+    declined study of declined_sr)."""
+
+    @property
+    def source_dataset(self) -> Dataset: ...
+
+    @property
+    def algorithm(self) -> AlgorithmIdentity: ...
+
+
+def working_source(result: Sourced) -> Dataset:
     """A copy of the source slice with missing Type 2 patient/study attributes empty; input untouched."""
     source = copy.deepcopy(result.source_dataset)
     for keyword in _TYPE2_SOURCE_ATTRIBUTES:
@@ -64,7 +75,7 @@ def working_source(result: AnalysisResult) -> Dataset:
     return source
 
 
-def character_set(result: AnalysisResult) -> str | list[str] | None:
+def character_set(result: Sourced) -> str | list[str] | None:
     """The Specific Character Set of the result objects.
 
     The source's own value when everything we write fits it: all our text is ASCII and copied text was

@@ -128,3 +128,9 @@ ARTIFICIAL_INTELLIGENCE: Final = Code("123110", "DCM", "Artificial Intelligence"
 
 # Segmentation.
 ANATOMICAL_STRUCTURE: Final = Code("91723000", "SCT", "Anatomical Structure")
+
+# The "not analysed" report (declined_sr, TID 2000 / 2002): title, section heading, element, image purpose.
+DIAGNOSTIC_IMAGING_REPORT: Final = Code("18748-4", "LN", "Diagnostic Imaging Report")
+IMPRESSIONS: Final = Code("121072", "DCM", "Impressions")
+IMPRESSION: Final = Code("121073", "DCM", "Impression")
+BEST_ILLUSTRATION: Final = Code("121080", "DCM", "Best illustration of finding")
