@@ -227,7 +227,8 @@ def _process(ctx: JobContext, deadline: _Deadline) -> JobOutcome:
     try:
         result = AnalysisResult(
             source_dataset=analysis.source, findings=tuple(findings),
-            algorithm=_algorithm(analysis.model), heatmaps=analysis.heatmaps, level_warning=analysis.level_warning,
+            algorithm=_algorithm(analysis.model), heatmaps=analysis.heatmaps,
+            level_warning=analysis.level_warning,
         )
         datasets = build_results(
             result, include_segmentation=settings.include_segmentation,

@@ -135,6 +135,21 @@ def contributing_equipment(algorithm: AlgorithmIdentity) -> hd.ContributingEquip
     return item
 
 
+def observation_context(algorithm: AlgorithmIdentity) -> hd.sr.ObservationContext:
+    """TID 1001 with a device observer: the model, identified by the model card's device UID (every SR)."""
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE_OBSERVER),
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=algorithm.device_uid,
+                name=algorithm.model_name,
+                manufacturer_name=algorithm.manufacturer,
+                model_name=algorithm.model_name,
+            ),
+        )
+    )
+
+
 def mark_equipment(dataset: Dataset, algorithm: AlgorithmIdentity) -> None:
     """General Equipment attributes highdicom does not set for every IOD, and research content for phantoms.
 

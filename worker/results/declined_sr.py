@@ -57,21 +57,6 @@ class DeclinedStudy:
         return f"DeclinedStudy(source_sop_instance_uid={self.source_dataset.SOPInstanceUID!s})"
 
 
-def _observation_context(algorithm: AlgorithmIdentity) -> hd.sr.ObservationContext:
-    """TID 1001 with a device observer: the model, identified by its device UID."""
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE_OBSERVER),
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=algorithm.device_uid,
-                name=algorithm.model_name,
-                manufacturer_name=algorithm.manufacturer,
-                model_name=algorithm.model_name,
-            ),
-        )
-    )
-
-
 def _impressions(declined: DeclinedStudy, source: Dataset) -> hd.sr.ContainerContentItem:
     """TID 2002: the Impressions heading with the 'not analysed' impression and the unverified-AI comment."""
     impression = hd.sr.TextContentItem(
@@ -113,7 +98,7 @@ def build_declined_sr(
     root = hd.sr.ContainerContentItem(name=codes.DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
     root.ContentSequence = hd.sr.ContentSequence([
         *hd.sr.LanguageOfContentItemAndDescendants(hd.sr.templates.DEFAULT_LANGUAGE),
-        *_observation_context(declined.algorithm),
+        *_common.observation_context(declined.algorithm),
         _impressions(declined, source),
     ])
     sr = hd.sr.EnhancedSR(

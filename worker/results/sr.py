@@ -47,22 +47,6 @@ def _algorithm_identification(result: AnalysisResult) -> hd.sr.AlgorithmIdentifi
     )
 
 
-def _observation_context(result: AnalysisResult) -> hd.sr.ObservationContext:
-    """TID 1001 with a device observer: the model, identified by the model card's device UID."""
-    algorithm = result.algorithm
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE_OBSERVER),
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=algorithm.device_uid,
-                name=algorithm.model_name,
-                manufacturer_name=algorithm.manufacturer,
-                model_name=algorithm.model_name,
-            ),
-        )
-    )
-
-
 def _percent(fraction: float) -> float:
     """A fraction in [0, 1] as a percentage to 0.1 %: what the numbers mean, printed readably by viewers."""
     return round(100.0 * fraction, PERCENT_DECIMALS)
@@ -165,7 +149,7 @@ def build_sr(
 
     groups = [_measurement_group(result, source, finding) for finding in result.findings]
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(result),
+        observation_context=_common.observation_context(result.algorithm),
         procedure_reported=codes.PROCEDURE_REPORTED,
         imaging_measurements=groups,
         referenced_images=[source],
