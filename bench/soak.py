@@ -57,7 +57,7 @@ from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-RESULT_MODALITIES = ("SR", "PR", "KO", "SEG", "OT")
+RESULT_SERIES_PREFIX = "CCF-Net "  # every result series' description (worker/results/_common.py)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.2) -> None:
@@ -742,12 +742,13 @@ class Soak:
         return SoakResult(rows, self.faults, problems, numbers)
 
     def _results_at_pacs(self, study_uid: str) -> set[str]:
-        """SOP Instance UIDs of the result objects (non-MR series) Orthanc holds for a study."""
+        """SOP Instance UIDs of the result objects (our "CCF-Net ..." series) Orthanc holds for a study."""
         found = set()
         series = httpx.post(f"{self.orthanc.url}/tools/find", json={
             "Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}, timeout=60).json()
         for item in series:
-            if item["MainDicomTags"].get("Modality") in RESULT_MODALITIES:
+            # Ours by series description: the key image carries the source's modality (MR), like the images.
+            if str(item["MainDicomTags"].get("SeriesDescription", "")).startswith(RESULT_SERIES_PREFIX):
                 for instance in self.orthanc.get(f"/series/{item['ID']}/instances"):
                     found.add(instance["MainDicomTags"]["SOPInstanceUID"])
         return found

@@ -35,6 +35,7 @@ from worker.service import EmbeddedWorker, Service
 from worker.settings import Settings
 from worker.timeutil import utcnow
 
+ANALYSED_OBJECTS = 4
 pytestmark = [
     pytest.mark.services,
     pytest.mark.slow,
@@ -89,7 +90,8 @@ def _delivered(svc: Service, study_uid: str) -> dict[str, int] | None:
     with svc.sessions() as session:
         jobs = list(repo.jobs_for_study(session, study_uid))
         exports = [e for job in jobs for e in repo.exports_for_job(session, job.id)]
-        if len(exports) != len(RESULT_KINDS) or any(e.state != "delivered" for e in exports):
+        # An analysed study's four objects (SR, GSPS, key image, SEG); RESULT_KINDS also holds the not-analysed SR.
+        if len(exports) != ANALYSED_OBJECTS or any(e.state != "delivered" for e in exports):
             return None
         return {o.sop_instance_uid: o.job_id for job in jobs for o in repo.result_objects_for_job(session, job.id)}
 
